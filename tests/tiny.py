@@ -1,0 +1,81 @@
+"""Tiny random diffusers pipelines of each family, written with `save_pretrained` (test oracle only).
+
+The shapes follow the diffusers test suite (`block_out_channels=(32, 64)`), with the real
+block layout of each family and the real CLIP vocabulary from ../shared/data, so a pipeline
+loads and runs in well under a second. Random weights are seeded; norm layers get random affine
+parameters too, so a layer that is skipped or misnamed shows up in the output.
+"""
+
+from pathlib import Path
+
+import torch
+
+from conftest import CONFIGS, SHARED
+
+TEXT = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37,
+            layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408,
+            max_position_embeddings=77)
+VAE = dict(block_out_channels=(16, 32, 32, 32), in_channels=3, out_channels=3, layers_per_block=1,
+           norm_num_groups=8, latent_channels=4, sample_size=64,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+            norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+FAMILIES = ("sd1", "sd2-eps", "sd2-v", "sdxl", "sd1-inpaint")
+
+
+def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def _tokenizer(pad: str):
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer(str(SHARED / "clip-tokenizer" / "vocab.json"), str(SHARED / "clip-tokenizer" / "merges.txt"),
+                         pad_token=pad)
+
+
+def _text_encoder(projection: bool, seed: int, act: str = "quick_gelu"):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(**TEXT, hidden_act=act, projection_dim=32)
+    return _randomize((CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg), seed)
+
+
+def make_pipeline(family: str, root: Path, seed: int = 0):
+    """Build and save a tiny pipeline of `family` under root/family; returns (folder, pipeline)."""
+    import diffusers
+    folder = Path(root) / family
+    torch.manual_seed(seed)
+    vae = _randomize(diffusers.AutoencoderKL(**VAE), seed + 1)
+    sched_src = {"sd1": "sd15", "sd1-inpaint": "sd15", "sd2-eps": "sd21-base", "sd2-v": "sd21-base",
+                 "sdxl": "sdxl-base"}[family]
+    sched_cfg = diffusers.EulerDiscreteScheduler.load_config(CONFIGS / sched_src / "scheduler")
+    if family == "sd2-v":
+        sched_cfg["prediction_type"] = "v_prediction"
+    scheduler = diffusers.EulerDiscreteScheduler.from_config(sched_cfg)
+    if family == "sdxl":
+        unet = diffusers.UNet2DConditionModel(
+            **UNET, attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
+            transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80)
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=_text_encoder(False, seed + 2), text_encoder_2=_text_encoder(True, seed + 3, "gelu"),
+            tokenizer=_tokenizer("<|endoftext|>"), tokenizer_2=_tokenizer("!"),
+            unet=_randomize(unet, seed + 4), scheduler=scheduler)
+    else:
+        sd2 = family.startswith("sd2")
+        unet = diffusers.UNet2DConditionModel(
+            **{**UNET, "in_channels": 9 if family.endswith("inpaint") else 4}, cross_attention_dim=32,
+            attention_head_dim=(2, 4) if sd2 else 2, use_linear_projection=sd2, upcast_attention=sd2)
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, text_encoder=_text_encoder(False, seed + 2, "gelu" if sd2 else "quick_gelu"),
+            tokenizer=_tokenizer("!" if sd2 else "<|endoftext|>"),
+            unet=_randomize(unet, seed + 4), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder, pipe
