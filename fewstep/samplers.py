@@ -1,0 +1,190 @@
+"""Samplers as plain functions `sample_x(denoise, x, sigmas, ...)`, after k-diffusion's sampling.py.
+
+`denoise(x, sigma)` returns the x0 estimate for the VE latent x = x0 + sigma * noise; `sigmas` is a
+float64 tensor [n + 1] from `schedules.schedule`, ending where sampling stops. No sampler keeps state
+between calls; `callback(i, x, denoised, sigma)` sees every step (for previews).
+
+References: Euler / Heun / ancestral steps from Karras et al. 2022 and k-diffusion; DDIM (Song et
+al. 2021) and DDPM (Ho et al. 2020) rewritten in sigmas, where they are ancestral Euler steps;
+DPM-Solver++(2M) (Lu et al. 2022); LCM multistep consistency sampling (Luo et al. 2023). `run` is
+the one entry the pipeline calls: it builds the schedule the matching diffusers scheduler would
+and starts and ends in the same latent space, so fewstep and diffusers agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from tqdm.auto import trange
+
+from .configs import SchedulerConfig
+from .errors import FewstepError
+from .schedules import KARRAS_SAMPLERS, schedule
+
+
+def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None) -> Callable:
+    """Fresh N(0, I) like x for each step. Drawn on the generator's device and then moved, as
+    diffusers' randn_tensor does, so one CPU seed gives the same image on any device."""
+    device = generator.device if generator is not None else x.device
+    return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                                 device=device).to(x.device)
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0):
+    """Split sigma -> sigma_next into a deterministic step to sigma_down and new noise of std sigma_up
+    (sigma_down^2 + sigma_up^2 = sigma_next^2). eta = 1 is DDPM's posterior variance; DDIM's eta
+    (Song et al. 2021, eq. 16) is exactly this eta once alphas are written as sigmas."""
+    if not eta:
+        return sigma_next, torch.zeros_like(sigma_next)
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+@torch.no_grad()
+def sample_euler(denoise, x, sigmas, *, callback=None, disable=None):
+    """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma."""
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = denoise(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised, sigmas[i])
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoise, x, sigmas, *, eta=1.0, noise_sampler=None, callback=None, disable=None):
+    """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion; SDXL-Turbo's sampler)."""
+    noise_sampler = noise_sampler or default_noise_sampler(x)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = denoise(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised, sigmas[i])
+        sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
+        x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoise, x, sigmas, *, callback=None, disable=None):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1); the step to sigma = 0 is Euler."""
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = denoise(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised, sigmas[i])
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            d_2 = (x_2 - denoise(x_2, sigmas[i + 1])) / sigmas[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoise, x, sigmas, *, callback=None, disable=None):
+    """DPM-Solver++(2M) (Lu et al. 2022) in log-sigma time; first order on the first and last step
+    (diffusers' lower_order_final with final sigma 0)."""
+    old_denoised = None
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = denoise(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised, sigmas[i])
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old_denoised is not None and sigmas[i + 1] > 0:
+            r = (t + sigmas[i - 1].log()) / h  # h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+        else:
+            denoised_d = denoised
+        x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoise, x, sigmas, *, eta=0.0, landing=None, noise_sampler=None, callback=None, disable=None):
+    """DDIM (Song et al. 2021) in sigmas: an Euler step (eta = 0) or an ancestral one (eta > 0).
+
+    `landing[i]` is where step i lands when that is not sigmas[i + 1]: diffusers' DDIM steps to
+    t - T // n, then feeds that same VP latent to the next timestep, so the VE latent is rescaled."""
+    landing = sigmas[1:] if landing is None else landing
+    noise_sampler = noise_sampler or default_noise_sampler(x)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = denoise(x, sigmas[i])
+        if callback is not None:
+            callback(i, x, denoised, sigmas[i])
+        sigma_down, sigma_up = ancestral_step(sigmas[i], landing[i], eta)
+        x = denoised + (x - denoised) * (sigma_down / sigmas[i])
+        if sigma_up > 0:
+            x = x + noise_sampler(sigmas[i], landing[i]) * sigma_up
+        x = x * ((sigmas[i + 1] ** 2 + 1) / (landing[i] ** 2 + 1)) ** 0.5
+    return x
+
+
+def sample_ddpm(denoise, x, sigmas, *, noise_sampler=None, callback=None, disable=None):
+    """DDPM ancestral sampling (Ho et al. 2020) with the posterior variance ("fixed_small"): this is
+    DDIM with eta = 1 stepping to the next timestep (Song et al. 2021, section 4.1)."""
+    return sample_ddim(denoise, x, sigmas, eta=1.0, noise_sampler=noise_sampler, callback=callback, disable=disable)
+
+
+def lcm_boundary(timesteps: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> torch.Tensor:
+    """LCM's consistency-model boundary condition per step, [n, 2] = (c_skip, c_out) (Song et al. 2023)."""
+    t = timesteps.double() * timestep_scaling
+    return torch.stack([sigma_data ** 2 / (t ** 2 + sigma_data ** 2), t / (t ** 2 + sigma_data ** 2) ** 0.5], dim=1)
+
+
+@torch.no_grad()
+def sample_lcm(denoise, x, sigmas, *, boundary=None, noise_sampler=None, callback=None, disable=None):
+    """LCM multistep sampling (Luo et al. 2023, Algorithm 1): jump to x0, re-noise to the next sigma.
+    `boundary` (from lcm_boundary) mixes in c_skip times the VP latent, as the LCM scheduler does."""
+    noise_sampler = noise_sampler or default_noise_sampler(x)
+    for i in trange(len(sigmas) - 1, disable=disable):
+        denoised = denoise(x, sigmas[i])
+        if boundary is not None:
+            c_skip, c_out = boundary[i]
+            denoised = c_skip * x / (sigmas[i] ** 2 + 1) ** 0.5 + c_out * denoised
+        if callback is not None:
+            callback(i, x, denoised, sigmas[i])
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
+    return x
+
+
+SAMPLERS = {"euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun,
+            "dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim, "ddpm": sample_ddpm, "lcm": sample_lcm}
+
+
+def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: int, *, karras: bool | None = None,
+        eta: float = 0.0, generator: torch.Generator | None = None, callback: Callable | None = None,
+        progress: bool = False) -> torch.Tensor:
+    """Sample with `name` from unit-variance `noise`; returns latents as diffusers hands them to the VAE.
+
+    `denoise(x, sigma, t=None)` is a `Denoiser`. `karras=None` follows the config's use_karras_sigmas
+    (for the samplers that have Karras sigmas). `eta` is DDIM's; `generator` draws ancestral noise."""
+    if name not in SAMPLERS:
+        raise FewstepError(f"unknown sampler {name!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
+    if karras is None:
+        karras = sched.use_karras_sigmas and name in KARRAS_SAMPLERS
+    s = schedule(name, sched, steps, karras)
+    exact_t = dict(zip(s.sigmas.tolist(), s.timesteps.tolist()))  # [n + 1] vs [n]: last unused
+
+    def denoise_at(x, sigma):  # the schedule knows the exact t diffusers feeds the model at this sigma
+        return denoise(x, sigma, t=exact_t.get(float(sigma)))
+
+    x = noise * s.init_sigma
+    options = {"callback": callback, "disable": not progress}
+    if name in ("euler_a", "ddim", "ddpm", "lcm"):
+        options["noise_sampler"] = default_noise_sampler(x, generator)
+    if name == "ddim":
+        options.update(eta=eta, landing=s.landing)
+    if name == "lcm":
+        options["boundary"] = lcm_boundary(s.timesteps, sched.timestep_scaling)
+    x = SAMPLERS[name](denoise_at, x, s.sigmas, **options)
+    return x / math.sqrt(s.sigmas[-1].item() ** 2 + 1)  # back to VP space (DDIM may stop above sigma 0)
