@@ -1,0 +1,113 @@
+"""CLIP byte-level BPE tokenizer, built with the HF `tokenizers` library from vocab.json + merges.txt.
+
+The pipeline is transformers' `CLIPTokenizer` (transformers 5, tokenization_clip.py): NFC, whitespace
+runs to one space, lowercase; split on CLIP's regex; byte-level BPE with the "</w>" end-of-word
+suffix. Note that this is *not* bit-identical to OpenAI's original tokenizer, which also ran ftfy
+and HTML unescaping; Stable Diffusion pipelines use the transformers one, so fewstep does too.
+
+Framing is done here, not by a tokenizers post-processor, so truncation can be reported:
+[BOS] + first 75 tokens + [EOS] + padding to 77. SD 1.x pads with "<|endoftext|>", SDXL's second
+tokenizer pads with "!" (id 0); the pad token is read from the folder's JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import FewstepError
+
+DEFAULTS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+
+
+def _special_tokens(folder: Path) -> dict[str, tuple[str, bool]]:
+    """bos/eos/unk/pad as (content, normalized): special_tokens_map.json wins over tokenizer_config.json
+    over defaults. A token written as a plain string matches un-normalized text, as in transformers."""
+    found = {k: (v, False) for k, v in DEFAULTS.items()}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise FewstepError(f"malformed JSON in {path}: {e}") from None
+        for key in DEFAULTS:
+            value = d.get(key)
+            if isinstance(value, dict):  # AddedToken form: {"content": "<|endoftext|>", "normalized": true, ...}
+                found[key] = (value.get("content"), bool(value.get("normalized", False)))
+            elif isinstance(value, str):
+                found[key] = (value, False)
+    return found
+
+
+def _max_length(folder: Path) -> int:
+    path = folder / "tokenizer_config.json"
+    n = json.loads(path.read_text()).get("model_max_length", 77) if path.is_file() else 77
+    return n if isinstance(n, int) and 2 < n <= 77 else 77  # transformers writes 1e30 for "unlimited"
+
+
+class CLIPTokenizer:
+    """prompts -> [B, max_length] token ids, as transformers' CLIPTokenizer with
+    padding="max_length", truncation=True (SD pipelines' call)."""
+
+    def __init__(self, tokenizer, bos_id: int, eos_id: int, pad_id: int, max_length: int = 77):
+        self.tokenizer = tokenizer  # a tokenizers.Tokenizer without post-processor
+        self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.max_length = max_length
+
+    @classmethod
+    def from_folder(cls, path) -> CLIPTokenizer:
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+        from tokenizers.models import BPE
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FewstepError(f"tokenizer folder not found: {folder}")
+        vocab, merges = folder / "vocab.json", folder / "merges.txt"
+        for f in (vocab, merges):
+            if not f.is_file():
+                raise FewstepError(f"CLIP tokenizer folder {folder} has no {f.name} (needs vocab.json and merges.txt)")
+        special = _special_tokens(folder)
+        tok = Tokenizer(BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="",
+                                      end_of_word_suffix="</w>", fuse_unk=False, unk_token=special["unk_token"][0]))
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+                                       r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.decoder = decoders.ByteLevel()
+        # As transformers does, every special token is also matched inside prompts: a literal
+        # "<|endoftext|>" is one token, and with SDXL's pad token "!" every "!" in a prompt becomes
+        # id 0 instead of merging ("paint!" -> "paint</w>", "!"). Pad comes last and wins on duplicates.
+        added = {content: normalized for content, normalized in special.values()}
+        tok.add_special_tokens([AddedToken(c, normalized=n) for c, n in added.items()])
+        ids = {k: tok.token_to_id(c) for k, (c, _) in special.items()}
+        for k, i in ids.items():
+            if i is None:
+                raise FewstepError(f"tokenizer {folder}: {k} {special[k][0]!r} is not in vocab.json")
+        return cls(tok, ids["bos_token"], ids["eos_token"], ids["pad_token"], _max_length(folder))
+
+    def count_tokens(self, prompt: str) -> int:
+        """BPE tokens in `prompt`, without BOS/EOS; more than max_length - 2 gets truncated."""
+        return len(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
+
+    def __call__(self, prompts: list[str] | str) -> torch.Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        keep = self.max_length - 2  # room for BOS and EOS
+        rows = []
+        for prompt, enc in zip(prompts, self.tokenizer.encode_batch(list(prompts), add_special_tokens=False)):
+            ids = enc.ids
+            if len(ids) > keep:
+                short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+                warnings.warn(f"prompt truncated to {self.max_length} tokens, {len(ids) - keep} dropped: {short!r}",
+                              stacklevel=2)
+            ids = [self.bos_id, *ids[:keep], self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.max_length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)  # [B, max_length]
