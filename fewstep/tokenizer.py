@@ -51,6 +51,45 @@ def _max_length(folder: Path) -> int:
     return n if isinstance(n, int) and 2 < n <= 77 else 77  # transformers writes 1e30 for "unlimited"
 
 
+def _from_tokenizer_json(path: Path):
+    """A tokenizer.json written by transformers: its BPE, normalizer and added tokens as saved; the
+    BOS/EOS/padding are applied by `CLIPTokenizer.__call__`, so its own post-processing is switched off."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
+        raise FewstepError(f"cannot read {path}: {e}") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _from_vocab_merges(folder: Path, special: dict):
+    """CLIP's BPE rebuilt from vocab.json + merges.txt, as transformers' converter builds it."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    for f in (vocab, merges):
+        if not f.is_file():
+            raise FewstepError(f"CLIP tokenizer folder {folder} has no {f.name} (needs vocab.json and merges.txt)")
+    tok = Tokenizer(BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="",
+                                  end_of_word_suffix="</w>", fuse_unk=False, unk_token=special["unk_token"][0]))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+                                   r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    # As transformers does, every special token is also matched inside prompts: a literal
+    # "<|endoftext|>" is one token, and with SDXL's pad token "!" every "!" in a prompt becomes
+    # id 0 instead of merging ("paint!" -> "paint</w>", "!"). Pad comes last and wins on duplicates.
+    added = {content: normalized for content, normalized in special.values()}
+    tok.add_special_tokens([AddedToken(c, normalized=n) for c, n in added.items()])
+    return tok
+
+
 class CLIPTokenizer:
     """prompts -> [B, max_length] token ids, as transformers' CLIPTokenizer with
     padding="max_length", truncation=True (SD pipelines' call)."""
@@ -62,31 +101,14 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, path) -> CLIPTokenizer:
-        from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-        from tokenizers.models import BPE
-
         folder = Path(path)
         if not folder.is_dir():
             raise FewstepError(f"tokenizer folder not found: {folder}")
-        vocab, merges = folder / "vocab.json", folder / "merges.txt"
-        for f in (vocab, merges):
-            if not f.is_file():
-                raise FewstepError(f"CLIP tokenizer folder {folder} has no {f.name} (needs vocab.json and merges.txt)")
         special = _special_tokens(folder)
-        tok = Tokenizer(BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="",
-                                      end_of_word_suffix="</w>", fuse_unk=False, unk_token=special["unk_token"][0]))
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-                                       r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False)])
-        tok.decoder = decoders.ByteLevel()
-        # As transformers does, every special token is also matched inside prompts: a literal
-        # "<|endoftext|>" is one token, and with SDXL's pad token "!" every "!" in a prompt becomes
-        # id 0 instead of merging ("paint!" -> "paint</w>", "!"). Pad comes last and wins on duplicates.
-        added = {content: normalized for content, normalized in special.values()}
-        tok.add_special_tokens([AddedToken(c, normalized=n) for c, n in added.items()])
+        if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
+            tok = _from_tokenizer_json(folder / "tokenizer.json")  # folders saved by transformers >= 5
+        else:
+            tok = _from_vocab_merges(folder, special)
         ids = {k: tok.token_to_id(c) for k, (c, _) in special.items()}
         for k, i in ids.items():
             if i is None:

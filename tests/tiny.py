@@ -36,7 +36,7 @@ def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 def _tokenizer(pad: str):
     from transformers import CLIPTokenizer
     return CLIPTokenizer(str(SHARED / "clip-tokenizer" / "vocab.json"), str(SHARED / "clip-tokenizer" / "merges.txt"),
-                         pad_token=pad)
+                         pad_token=pad, model_max_length=77)
 
 
 def _text_encoder(projection: bool, seed: int, act: str = "quick_gelu"):

@@ -125,6 +125,8 @@ class CLIPTextModel(nn.Module):
                                 if cfg.projection_dim else None)
         self.register_load_state_dict_pre_hook(_fix_keys_hook)
 
+    fix_keys = staticmethod(fix_transformers_keys)  # used by fewstep.weights.build before its key check
+
     def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
         tm = self.text_model
         x = tm.embeddings(input_ids)  # [B, L, D]

@@ -1,0 +1,113 @@
+"""The `fewstep` command line: `fewstep generate "prompt" [--model PATH] ...`.
+
+User mistakes (`FewstepError`) print one line and exit with status 2; warnings print one line each.
+Images are written atomically (a temporary file renamed into place), so an interrupted run never
+leaves a partial PNG, and carry A1111-style "parameters" text so other tools can read the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from .errors import FewstepError
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--model", default=None, help="diffusers folder, .safetensors checkpoint or hub id "
+                   "(default: the built-in model)")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; <= 1 disables it")
+    p.add_argument("--sampler", default=None, help="euler, euler_a, heun, dpmpp_2m, ddim, ddpm, lcm")
+    p.add_argument("--karras", action="store_true", default=None, help="Karras sigma spacing")
+    p.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--output", default="outputs", help="a .png path, or a folder (default: outputs/)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--config", default=None, help="for single-file checkpoints: a diffusers folder with "
+                   "the tokenizers and configs to use")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt pickle files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _output_paths(output: str, n: int, seed: int) -> list[Path]:
+    out = Path(output)
+    if out.suffix.lower() == ".png":
+        return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(n)]
+    out.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"(\d{5})-", f.name))]
+    start = max(taken, default=-1) + 1
+    return [out / f"{start + i:05d}-{seed + i}.png" for i in range(n)]
+
+
+def save_png(image, path: Path, parameters: str) -> None:
+    """Write a PNG atomically, with the generation settings in its "parameters" text chunk."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    import torch
+
+    import fewstep
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    pipe = fewstep.load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle)
+    paths = _output_paths(a.output, a.num_images, a.seed)
+    images = pipe(a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance, sampler=a.sampler,
+                  karras=a.karras, seed=a.seed, width=a.width, height=a.height, num_images=a.num_images,
+                  progress=not a.quiet)
+    d = pipe.defaults
+    for i, (image, path) in enumerate(zip(images, paths)):
+        params = (f"{a.prompt}\nNegative prompt: {a.negative_prompt or ''}\n"
+                  f"Steps: {a.steps or d.steps}, Sampler: {a.sampler or d.sampler or pipe.scheduler.sampler}, "
+                  f"CFG scale: {d.guidance if a.guidance is None else a.guidance}, Seed: {a.seed + i}, "
+                  f"Size: {image.width}x{image.height}, Model: {pipe.name}")
+        save_png(image, path, params)
+        print(path)
+
+
+def _one_line_warnings() -> None:
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+    warnings.showwarning = show
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fewstep", description="fast few-step text-to-image diffusion")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
+    a = parser.parse_args(argv)
+    _one_line_warnings()
+    try:
+        {"generate": cmd_generate}[a.command](a)
+    except FewstepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Text-to-image: prompt -> CLIP context -> k-diffusion sampling of the UNet -> VAE decode -> PIL.
+
+Follows the diffusers StableDiffusionPipeline / StableDiffusionXLPipeline numerics (classifier-free
+guidance on the raw model output, SDXL micro-conditioning, `force_zeros_for_empty_prompt`, the
+initial noise scaled by the sampler's initial sigma) so both stacks give the same image from the
+same initial latents; everything else is a plain function call.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from . import samplers
+from .configs import SchedulerConfig
+from .denoiser import Denoiser
+from .errors import FewstepError
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a checkpoint is meant to be run with when the caller does not say."""
+
+    steps: int = 25
+    guidance: float = 7.5
+    sampler: str | None = None  # None: the checkpoint's scheduler class decides
+    size: int | None = None  # None: the UNet's training size x 8
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's embedding of the guidance scale w (VDM's Fourier features of w * 1000), [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    return torch.nn.functional.pad(torch.cat([emb.sin(), emb.cos()], dim=1), (0, dim % 2))
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """[N, 3, H, W] in [-1, 1] -> PIL images, rounding as diffusers' image processor does."""
+    from PIL import Image
+    x = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def safe_decode(ae: torch.nn.Module, z: torch.Tensor, upcast: bool = False) -> torch.Tensor:
+    """Decode latents; if a half-precision VAE overflows (NaN/inf), warn and decode again in fp32."""
+    dtype = next(ae.parameters()).dtype
+    if upcast and dtype != torch.float32:
+        return _decode_as(ae, z, torch.float32)
+    x = ae.decode(z.to(dtype))
+    if not torch.isfinite(x).all():
+        if dtype == torch.float32:
+            raise FewstepError("the VAE produced NaN/inf in fp32: the latents are broken (check the model and inputs)")
+        warnings.warn(f"VAE decode in {dtype} gave NaN/inf; decoding again in float32", stacklevel=2)
+        x = _decode_as(ae, z, torch.float32)
+    return x
+
+
+def _decode_as(ae: torch.nn.Module, z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    old = next(ae.parameters()).dtype
+    try:
+        return ae.to(dtype).decode(z.to(dtype))
+    finally:
+        ae.to(old)
+
+
+def check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if not isinstance(v, int) or v < 8 or v % 8:
+            raise FewstepError(f"{name}={v!r} must be a positive multiple of 8 (e.g. 512)")
+
+
+@dataclass
+class Pipeline:
+    """A loaded text-to-image model. Call it with a prompt; see `__call__`."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list
+    tokenizers: list
+    scheduler: SchedulerConfig
+    force_zeros_for_empty_prompt: bool = False
+    defaults: Defaults = field(default_factory=Defaults)
+    name: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def sdxl(self) -> bool:
+        """Two text encoders, penultimate layers concatenated, pooled text + size ids (SDXL)."""
+        return len(self.text_encoders) == 2
+
+    @property
+    def vae_scale(self) -> int:
+        return 8
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts -> (context [B, 77, D], pooled [B, P] or None)."""
+        states, pooled = [], None
+        for tok, enc in zip(self.tokenizers, self.text_encoders):
+            out = enc(tok(prompts).to(self.device))
+            states.append(out.penultimate if self.sdxl else out.last_hidden_state)
+            pooled = out.text_embeds
+        context = torch.cat(states, dim=-1).to(self.dtype)  # [B, 77, 768 | 1024 | 2048]
+        return context, (pooled.to(self.dtype) if self.sdxl else None)
+
+    def _conditioning(self, prompts, negative, cfg: bool, time_ids: torch.Tensor):
+        """The UNet's keyword inputs for the whole (possibly CFG-doubled) batch."""
+        context, pooled = self.encode_prompt(prompts)
+        if cfg:
+            if negative is None and self.force_zeros_for_empty_prompt:
+                neg_ctx, neg_pooled = torch.zeros_like(context), (None if pooled is None else torch.zeros_like(pooled))
+            else:
+                neg_ctx, neg_pooled = self.encode_prompt(negative if negative is not None else [""] * len(prompts))
+            context = torch.cat([neg_ctx, context])
+            pooled = None if pooled is None else torch.cat([neg_pooled, pooled])
+        cond = {"context": context}
+        if self.sdxl:
+            cond["text_embeds"] = pooled
+            cond["time_ids"] = time_ids.to(self.device, self.dtype).repeat(context.shape[0], 1)
+        return cond
+
+    def _model_fn(self, cond: dict, guidance: float, cfg: bool) -> Callable:
+        unet = self.unet
+        n = cond["context"].shape[0] // (2 if cfg else 1)
+        if unet.cfg.time_cond_proj_dim is not None:
+            w = torch.full((n,), guidance - 1.0)
+            cond = {**cond, "timestep_cond": guidance_embedding(w, unet.cfg.time_cond_proj_dim).to(self.device, self.dtype)}
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x = x.to(self.dtype)
+            if not cfg:
+                return unet(x, t, **cond).float()
+            uncond, text = unet(torch.cat([x, x]), t, **cond).float().chunk(2)
+            return uncond + guidance * (text - uncond)
+        return model_fn
+
+    def _initial_latents(self, latents, n: int, width: int, height: int, seed: int) -> torch.Tensor:
+        shape = (n, self.unet.cfg.out_channels, height // self.vae_scale, width // self.vae_scale)
+        if latents is None:
+            # One generator per image (seed + i), so any image of a batch can be made again alone.
+            return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(seed + i))
+                              for i in range(n)]).to(self.device)
+        if tuple(latents.shape) != shape:
+            raise FewstepError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {width}x{height}")
+        return latents.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
+                 steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
+                 seed: int = 0, width: int | None = None, height: int | None = None, num_images: int = 1,
+                 latents: torch.Tensor | None = None, karras: bool | None = None, eta: float = 0.0,
+                 original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None, callback: Callable | None = None,
+                 progress: bool = True, output_type: str = "pil"):
+        """Generate `num_images` images per prompt; returns PIL images (or a [N,3,H,W] tensor in [-1, 1]
+        with output_type="pt", or latents with output_type="latent")."""
+        d = self.defaults
+        steps = d.steps if steps is None else steps
+        guidance = d.guidance if guidance is None else guidance
+        sampler = sampler or d.sampler or self.scheduler.sampler
+        size = d.size or self.unet.cfg.sample_size * self.vae_scale
+        width, height = (size if width is None else width), (size if height is None else height)
+        check_size(width, height)
+        if num_images < 1:
+            raise FewstepError(f"num_images={num_images} must be at least 1")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negative = negative_prompt
+        if negative is not None:
+            negative = [negative] if isinstance(negative, str) else list(negative)
+            if len(negative) not in (1, len(prompts) // num_images):
+                raise FewstepError("negative_prompt must be one string or one per prompt")
+            negative = [n for n in negative for _ in range(num_images)] if len(negative) > 1 else negative * len(prompts)
+
+        if self.unet.cfg.in_channels != self.unet.cfg.out_channels:
+            raise FewstepError(f"this UNet takes {self.unet.cfg.in_channels} input channels (an inpainting model): "
+                               "text-to-image needs a 4-channel UNet")
+        cfg = guidance > 1.0 and self.unet.cfg.time_cond_proj_dim is None
+        time_ids = torch.tensor([list((original_size or (height, width)) + tuple(crop_top_left)
+                                     + (target_size or (height, width)))], dtype=torch.float32)
+        cond = self._conditioning(prompts, negative, cfg, time_ids)
+        denoise = Denoiser(self._model_fn(cond, guidance, cfg), self.scheduler)
+        noise = self._initial_latents(latents, len(prompts), width, height, seed)
+        z = samplers.run(sampler, denoise, noise, self.scheduler, steps, karras=karras, eta=eta,
+                         generator=torch.Generator().manual_seed(seed), callback=callback, progress=progress)
+        if output_type == "latent":
+            return z
+        images = safe_decode(self.vae, z.to(self.dtype), upcast=getattr(self.vae, "cfg", None) is not None
+                             and getattr(self.vae.cfg, "force_upcast", False) and self.dtype == torch.float16)
+        return images if output_type == "pt" else to_pil(images)
