@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -55,6 +56,25 @@ def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.T
     raise FewstepError(f"unknown weights format: {path} (expected .safetensors, or .ckpt/.pt/.bin)")
 
 
+INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                  "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextmanager
+def no_init():
+    """Skip `torch.nn.init` while modules are built: every value is overwritten by the checkpoint, and
+    on the meta device `normal_` (nn.Embedding) first imports torch's Python reference kernels, which
+    costs about 2 s here."""
+    saved = {name: getattr(nn.init, name) for name in INIT_FUNCTIONS}
+    for name in INIT_FUNCTIONS:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
 def _names(keys, limit: int = 6) -> str:
     keys = sorted(keys)
     more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
@@ -86,7 +106,7 @@ def build(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str,
     A module class may define `fix_keys(sd)` to absorb known layout variants of its checkpoints
     (e.g. transformers 5 saving CLIP without the `text_model.` prefix) before the keys are checked."""
     sd = {k: v for k, v in sd.items() if not k.endswith(IGNORED_SUFFIXES)}
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         module = make()
     if hasattr(module, "fix_keys"):
         module.fix_keys(sd)
