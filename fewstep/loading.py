@@ -114,7 +114,12 @@ def _defaults(folder: Path, sched: SchedulerConfig) -> Defaults:
     """fewstep.json if the model ships one; else what the scheduler says about the model's intent:
     trailing spacing marks an adversarially distilled (Turbo) model, LCM a consistency model."""
     if (folder / "fewstep.json").is_file():
-        return Defaults(**read_json(folder / "fewstep.json"))
+        d = read_json(folder / "fewstep.json")
+        unknown = d.keys() - Defaults.__dataclass_fields__.keys()
+        if unknown:
+            raise FewstepError(f"{folder / 'fewstep.json'}: unknown keys {sorted(unknown)} "
+                               f"(known: {sorted(Defaults.__dataclass_fields__)})")
+        return Defaults(**d)
     if sched.sampler == "lcm":
         return Defaults(steps=4, guidance=1.0)
     if sched.timestep_spacing == "trailing":
