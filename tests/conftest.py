@@ -16,3 +16,14 @@ slow = pytest.mark.skipif(os.environ.get("FEWSTEP_SLOW") != "1", reason="slow te
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def randomize_norms(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Random affine params on every norm, so a skipped or misnamed norm changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return module.eval()

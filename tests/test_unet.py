@@ -10,24 +10,13 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIGS, requires_shared
+from conftest import CONFIGS, randomize_norms, requires_shared
 from fewstep.configs import UNetConfig, read_json
 from fewstep.errors import FewstepError
 from fewstep.models.unet import UNet
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = requires_shared
-
-
-def randomize_norms(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Random affine params on every norm, so a skipped or misnamed norm changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-    return module.eval()
 
 
 def reference(name: str, **overrides):

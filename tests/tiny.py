@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import CONFIGS, SHARED
+from conftest import CONFIGS, SHARED, randomize_norms
 
 TEXT = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37,
             layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408,
@@ -24,15 +24,6 @@ UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_c
 FAMILIES = ("sd1", "sd2-eps", "sd2-v", "sdxl", "sd1-inpaint")
 
 
-def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
 def _tokenizer(pad: str):
     from transformers import CLIPTokenizer
     return CLIPTokenizer(str(SHARED / "clip-tokenizer" / "vocab.json"), str(SHARED / "clip-tokenizer" / "merges.txt"),
@@ -43,7 +34,7 @@ def _text_encoder(projection: bool, seed: int, act: str = "quick_gelu"):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(**TEXT, hidden_act=act, projection_dim=32)
-    return _randomize((CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg), seed)
+    return randomize_norms((CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg), seed)
 
 
 def make_pipeline(family: str, root: Path, seed: int = 0):
@@ -51,7 +42,7 @@ def make_pipeline(family: str, root: Path, seed: int = 0):
     import diffusers
     folder = Path(root) / family
     torch.manual_seed(seed)
-    vae = _randomize(diffusers.AutoencoderKL(**VAE), seed + 1)
+    vae = randomize_norms(diffusers.AutoencoderKL(**VAE), seed + 1)
     sched_src = {"sd1": "sd15", "sd1-inpaint": "sd15", "sd2-eps": "sd21-base", "sd2-v": "sd21-base",
                  "sdxl": "sdxl-base"}[family]
     sched_cfg = diffusers.EulerDiscreteScheduler.load_config(CONFIGS / sched_src / "scheduler")
@@ -66,7 +57,7 @@ def make_pipeline(family: str, root: Path, seed: int = 0):
         pipe = diffusers.StableDiffusionXLPipeline(
             vae=vae, text_encoder=_text_encoder(False, seed + 2), text_encoder_2=_text_encoder(True, seed + 3, "gelu"),
             tokenizer=_tokenizer("<|endoftext|>"), tokenizer_2=_tokenizer("!"),
-            unet=_randomize(unet, seed + 4), scheduler=scheduler)
+            unet=randomize_norms(unet, seed + 4), scheduler=scheduler)
     else:
         sd2 = family.startswith("sd2")
         unet = diffusers.UNet2DConditionModel(
@@ -75,7 +66,7 @@ def make_pipeline(family: str, root: Path, seed: int = 0):
         pipe = diffusers.StableDiffusionPipeline(
             vae=vae, text_encoder=_text_encoder(False, seed + 2, "gelu" if sd2 else "quick_gelu"),
             tokenizer=_tokenizer("!" if sd2 else "<|endoftext|>"),
-            unet=_randomize(unet, seed + 4), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            unet=randomize_norms(unet, seed + 4), scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder, pipe
