@@ -1,0 +1,167 @@
+"""The deterministic scene renderer: one or two non-overlapping, flat-coloured, anti-aliased shapes on
+a flat background, sampled from a seed and drawn on the fly (no files, no dataset to download).
+
+The vocabulary here (colours, shapes, sizes, positions) is the vocabulary of the public caption
+grammar (caption.py, docs/SHAPES.md); evaluate.py parses images back into the same terms.
+Anti-aliasing is 4x supersampling then a box filter, so every object interior and the background
+keep their exact palette RGB and only the edge pixels blend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ..errors import FewstepError
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25), "green": (30, 170, 60), "blue": (30, 80, 230), "yellow": (245, 210, 30),
+    "purple": (140, 50, 180), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.2, "large": 0.4}  # side of the shape's bounding box, as a fraction of the image side
+POSITIONS: dict[str, tuple[float, float]] = {  # (cx, cy) of the bounding box, as fractions of the side
+    "in the center": (0.5, 0.5), "on the left": (0.25, 0.5), "on the right": (0.75, 0.5),
+    "at the top": (0.5, 0.25), "at the bottom": (0.5, 0.75),
+    "at the top left": (0.25, 0.25), "at the top right": (0.75, 0.25),
+    "at the bottom left": (0.25, 0.75), "at the bottom right": (0.75, 0.75),
+}
+# Anchors are 0.25 apart, so the nearest-anchor boundary is 0.125 away: a 0.03 jitter keeps every
+# position unambiguous, and a large shape at an edge anchor still ends 0.02 inside the image.
+JITTER = 0.03
+MARGIN = 0.03  # smallest gap between two shapes' bounding boxes, so they never touch
+SUPERSAMPLE = 4
+MIN_SIZE = 32  # below this the small shapes are a few pixels wide and the evaluator cannot read them
+
+
+@dataclass(frozen=True)
+class Obj:
+    color: str
+    shape: str
+    size: str
+    position: str
+    offset: tuple[float, float] = (0.0, 0.0)  # jitter of the centre from its anchor, fractions of the side
+
+    def __post_init__(self):
+        for kind, value, allowed in (("colour", self.color, COLORS), ("shape", self.shape, SHAPES),
+                                     ("size", self.size, SIZES), ("position", self.position, POSITIONS)):
+            if value not in allowed:
+                raise FewstepError(f"unknown {kind} {value!r}: use one of {', '.join(allowed)}")
+
+    def box(self) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) of the bounding box, as fractions of the image side."""
+        (ax, ay), (dx, dy), half = POSITIONS[self.position], self.offset, SIZES[self.size] / 2
+        return ax + dx - half, ay + dy - half, ax + dx + half, ay + dy + half
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    background: str
+
+    def __post_init__(self):
+        if self.background not in COLORS:
+            raise FewstepError(f"unknown background colour {self.background!r}: use one of {', '.join(COLORS)}")
+        if not 1 <= len(self.objects) <= 2:
+            raise FewstepError(f"a scene has one or two objects, not {len(self.objects)}")
+        if any(o.color == self.background for o in self.objects):
+            raise FewstepError(f"the background colour {self.background!r} must differ from every object's")
+        if len(self.objects) == 2 and not _apart(*self.objects):
+            raise FewstepError("two objects must be at different positions and must not overlap")
+
+
+def _apart(a: Obj, b: Obj) -> bool:
+    """Different positions and bounding boxes at least MARGIN apart along some axis."""
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = a.box(), b.box()
+    gap = max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
+    return a.position != b.position and gap >= MARGIN
+
+
+def _pick(rng: np.random.Generator, names) -> str:
+    names = list(names)
+    return names[int(rng.integers(len(names)))]
+
+
+def _place(rng: np.random.Generator, color: str, shape: str, size: str) -> Obj:
+    offset = tuple(float(v) for v in rng.uniform(-JITTER, JITTER, size=2))
+    return Obj(color, shape, size, _pick(rng, POSITIONS), offset)
+
+
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
+    """A random scene: 1 or 2 objects (half each unless `n_objects` is given), never overlapping,
+    on a background whose colour no object has."""
+    n = n_objects if n_objects is not None else 1 + int(rng.random() < 0.5)
+    if n not in (1, 2):
+        raise FewstepError(f"n_objects must be 1 or 2, not {n}")
+    looks = [(_pick(rng, COLORS), _pick(rng, SHAPES), _pick(rng, SIZES)) for _ in range(n)]
+    # Re-draw only the placements, so sizes stay uniform; every pair of sizes fits somewhere
+    # (opposite sides, say), so this ends: after 2.2 tries on average.
+    while True:
+        objects = tuple(_place(rng, *look) for look in looks)
+        if n == 1 or _apart(*objects):
+            break
+    background = _pick(rng, [c for c in COLORS if c not in {o.color for o in objects}])
+    return Scene(objects, background)
+
+
+def render(scene: Scene, size: int = 128) -> np.ndarray:
+    """The scene as a uint8 [size, size, 3] RGB array."""
+    if size < MIN_SIZE:
+        raise FewstepError(f"image size {size} is too small to draw shapes on: use {MIN_SIZE} or more (128 default)")
+    big = size * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), COLORS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = (round(v * big) for v in obj.box())
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)  # PIL's boxes include their last pixel
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:  # isosceles, apex up, base = height = the size, so its bounding box is square too
+            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    return np.asarray(image.reduce(SUPERSAMPLE))
+
+
+def batch(seed: int, n: int, size: int = 128, drop: float = 0.3) -> tuple[np.ndarray, list[str], list[Scene]]:
+    """n images [n, size, size, 3] uint8, their captions and scenes; the same for the same (seed, n),
+    and batch(seed, m) is a prefix of batch(seed, n) for m < n. Each optional caption part (size,
+    position, background) is left out with probability `drop`."""
+    from .caption import caption  # caption.py imports this module's vocabulary
+
+    rng = np.random.default_rng(seed)
+    scenes, captions = [], []
+    for _ in range(n):
+        scenes.append(sample_scene(rng))
+        captions.append(caption(scenes[-1], rng, drop))
+    images = np.stack([render(s, size) for s in scenes]) if n else np.zeros((0, size, size, 3), np.uint8)
+    return images, captions, scenes
+
+
+def contact_sheet(images, captions: list[str], cols: int = 4, width: int = 200) -> Image.Image:
+    """A grid of images, each with its caption wrapped beneath: for docs and training previews."""
+    font = ImageFont.load_default(size=13)
+    lines = [_wrap(c, font, width - 8) for c in captions]
+    text_h = 16 * max(len(ls) for ls in lines) + 8
+    rows = -(-len(lines) // cols)
+    sheet = Image.new("RGB", (cols * width, rows * (width + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, text) in enumerate(zip(images, lines)):
+        x, y = (i % cols) * width, (i // cols) * (width + text_h)
+        sheet.paste(Image.fromarray(np.asarray(image)).resize((width - 8, width - 8), Image.LANCZOS), (x + 4, y + 4))
+        for j, line in enumerate(text):
+            draw.text((x + 4, y + width + 16 * j), line, fill="black", font=font)
+    return sheet
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        joined = f"{lines[-1]} {word}".strip()
+        if lines[-1] and font.getlength(joined) > width:
+            lines.append(word)
+        else:
+            lines[-1] = joined
+    return lines
