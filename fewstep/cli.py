@@ -86,6 +86,43 @@ def cmd_generate(a: argparse.Namespace) -> None:
         print(path)
 
 
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a built-in architecture (sd15, sd21-base, sd-turbo, sdxl-base, sdxl-turbo, "
+                   "sdxs-512, taesd; no weights needed), a shipped model, a diffusers folder, a .safetensors "
+                   "checkpoint or a hub id (only configs and headers are read)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="for activation sizes")
+    p.add_argument("--steps", type=int, default=1, help="denoising steps in the per-image totals")
+    p.add_argument("--depth", type=int, default=None, help="collapse layers to N levels of the name hierarchy")
+    p.add_argument("--format", default="table", choices=["table", "md", "json", "csv"])
+    p.add_argument("--diagram", default=None, metavar="FILE", help="also draw the UNet to FILE.svg or FILE.html")
+    p.add_argument("--compare", default=None, metavar="B", help="show what differs from architecture B instead")
+    p.add_argument("--output", default=None, help="write the report to this file instead of stdout")
+
+
+def cmd_inspect(a: argparse.Namespace) -> None:
+    from .inspect import inspect_model
+    from .inspect_report import render
+    if a.depth is not None and a.depth < 1:
+        raise FewstepError(f"--depth must be at least 1, got {a.depth}")
+    report = inspect_model(a.model, a.resolution, a.batch, a.dtype, a.steps)
+    if a.compare:
+        from .inspect_compare import compare, render_compare
+        other = inspect_model(a.compare, report.resolution, a.batch, a.dtype, a.steps)
+        text = render_compare(compare(report, other), a.format)
+    else:
+        text = render(report, a.format, a.depth)
+    if a.diagram:
+        from .inspect_svg import write_diagram
+        write_diagram(report, a.diagram)
+        print(f"wrote {a.diagram}", file=sys.stderr)
+    if a.output:
+        Path(a.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+
+
 def _one_line_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
@@ -96,10 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fewstep", description="fast few-step text-to-image diffusion")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
+    _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
     a = parser.parse_args(argv)
     _one_line_warnings()
     try:
-        {"generate": cmd_generate}[a.command](a)
+        {"generate": cmd_generate, "inspect": cmd_inspect}[a.command](a)
     except FewstepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
