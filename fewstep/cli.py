@@ -134,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
     _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
+    from .train.cli import add_train_parser, cmd_train
+    add_train_parser(sub)
     a = parser.parse_args(argv)
     _one_line_warnings()
     try:
-        {"generate": cmd_generate, "inspect": cmd_inspect}[a.command](a)
+        {"generate": cmd_generate, "inspect": cmd_inspect, "train": cmd_train}[a.command](a)
     except FewstepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

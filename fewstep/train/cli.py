@@ -1,0 +1,79 @@
+"""`fewstep train STAGE --out DIR ...`: the shapes-turbo training recipe from the command line.
+
+    fewstep train all --out runs/shapes                 # the whole recipe (about 2 h on 2 CPU cores)
+    fewstep train teacher --out runs/shapes --resume    # one stage, continued from its checkpoint
+    accelerate launch --multi_gpu --num_processes 2 -m fewstep.train.cli vae --out runs/shapes  # 2 CPU processes
+
+(`accelerate launch --cpu` starts one process whatever --num_processes says; `--multi_gpu` on a
+machine without GPUs starts N CPU processes through torchrun, which train data-parallel over gloo.)
+
+`fewstep.cli` wires `add_train_parser` / `cmd_train` in as the `train` subcommand; this module also
+runs on its own (`python -m fewstep.train.cli`), which is what `accelerate launch` needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "student", "export", "all")
+
+
+def _args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=STAGE_CHOICES, help="one stage, or all of them in order")
+    p.add_argument("--out", required=True, help="run folder: every stage reads and writes here")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps of the stage (default: the recipe's)")
+    p.add_argument("--batch", type=int, default=None, help="global batch size of the stage")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate of the stage")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.1 for a trial)")
+    p.add_argument("--workers", type=int, default=None, choices=(0, 1),
+                   help="data worker processes (rendering and frozen encoders); default: per stage")
+    p.add_argument("--stop-at", type=int, default=None, help="end after this step, checkpointed (continue "
+                   "later with --resume): to train a stage in time slices")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint (all: skip finished stages)")
+    p.add_argument("--tiny", action="store_true", help="tiny models and a few steps: a smoke test in seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
+                   help="prompts to score the exported models on (0: skip)")
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train the built-in shapes-turbo model (tokenizer, CLIP, VAE, "
+                              "teacher, ADD student) from scratch")
+    _args(p)
+    return p
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    from ..errors import FewstepError
+    from .recipe import run_all, run_stage
+    if a.stage == "all":
+        if a.steps is not None or a.batch is not None or a.lr is not None or a.stop_at is not None:
+            raise FewstepError("--steps/--batch/--lr/--stop-at apply to one stage; with 'all' use --scale")
+        report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
+    else:
+        over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
+                "stop_at": a.stop_at}
+        if a.stage in ("tokenizer", "export"):
+            over = {}
+        report = {a.stage: run_stage(a.stage, a.out, a.tiny, a.seed, a.resume, a.evaluate_n, **over)}
+    if int(os.environ.get("RANK", "0")) == 0:  # one report, also under `accelerate launch`
+        print(json.dumps(report, indent=2))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import FewstepError
+    parser = argparse.ArgumentParser(prog="fewstep train", description="train shapes-turbo from scratch")
+    _args(parser)
+    try:
+        cmd_train(parser.parse_args(argv))
+    except FewstepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

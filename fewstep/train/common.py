@@ -1,0 +1,162 @@
+"""What every training stage shares: the Accelerator, seeding, the on-the-fly data stream, EMA,
+weight init and files (the loop, checkpoints and logs are in loop.py).
+
+Determinism is by construction rather than by saved RNG state: the data of step i on process r is
+rendered from a seed made of (run seed, stage, i, r), and every random draw of a step comes from a
+generator seeded the same way, so a run resumed from a checkpoint replays the steps a straight run
+would have taken. One CPU process by default; `accelerate launch --multi_gpu --num_processes N`
+(torchrun underneath; on a machine without GPUs the processes use the CPU and gloo) runs the same
+code data-parallel, each process drawing its own share of the global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+STAGE_IDS = {"clip": 1, "vae": 2, "teacher": 3, "student": 4}
+
+
+def seed_for(seed: int, stage: str, step: int, rank: int = 0) -> int:
+    """A well-mixed 63-bit seed for one (run, stage, step, process)."""
+    return int(np.random.SeedSequence([seed, STAGE_IDS[stage], step, rank]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3], rounded as the pipeline rounds."""
+    return ((x.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def make_accelerator(workers: int = 0):
+    """The Accelerator, always on the CPU (the recipe is sized for one), with torch threads split
+    between the processes and their data workers: oversubscribed OpenMP threads spin, and run
+    several times slower than the same work on fewer threads."""
+    from accelerate import Accelerator
+    accel = Accelerator(cpu=True)
+    torch.set_num_threads(max(1, cpu_count() // accel.num_processes - workers))
+    return accel
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """make(step) for each step in [start, stop): rendering and frozen encoders, in a worker."""
+
+    def __init__(self, make: Callable[[int], dict], start: int, stop: int):
+        super().__init__()
+        self.make, self.start, self.stop = make, start, stop
+
+    def __iter__(self):
+        return (self.make(step) for step in range(self.start, self.stop))
+
+
+def batches(make: Callable[[int], dict], start: int, stop: int, workers: int = 0) -> Iterable[dict]:
+    """The stage's batches from `start`; with one worker process they are made while the model trains."""
+    if workers == 0:
+        return (make(step) for step in range(start, stop))
+    return torch.utils.data.DataLoader(Stream(make, start, stop), batch_size=None, num_workers=1, prefetch_factor=4)
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def save_weights(state_dict: dict, path: Path, dtype: torch.dtype | None = None) -> None:
+    """A safetensors file of contiguous CPU tensors (floats cast to `dtype` when given)."""
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in state_dict.items()}
+    save_file(sd, str(path))
+
+
+def init_weights(model: nn.Module, zero: tuple[str, ...] = ("conv2",)) -> nn.Module:
+    """Variance-preserving init for convs and linears (normal, std 1 / sqrt(fan_in)), zero biases,
+    and zero weights for layers whose name ends with one of `zero` (the last conv of each residual
+    branch, as in ADM / Goyal et al. 2017), so each block starts as the identity. PyTorch's default
+    shrinks activations ~3x per plain conv: an autoencoder's chain of resampling convs then starts
+    out near-constant and learns colours slowly."""
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if name.endswith(zero):
+                nn.init.zeros_(m.weight)
+    return model
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class EMA:
+    """Exponential moving average of a model's weights (Polyak averaging), with the usual warm-up
+    (decay grows as (1 + step) / (10 + step)) so early weights are not frozen in."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            self.shadow[k].lerp_(v.detach().float(), 1 - d)
+
+    def state_dict(self) -> dict:
+        return dict(self.shadow)
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k, v in self.shadow.items():
+            v.copy_(sd[k])
+
+
+class Counter:
+    """The step counter and the loss sums not yet logged, saved with the checkpoint (so a resumed
+    run logs the same rows as a straight one)."""
+
+    def __init__(self):
+        self.step, self.n, self.sums, self.seconds = 0, 0, {}, 0.0  # seconds: training time before this run
+
+    def state_dict(self) -> dict:
+        return {"step": torch.tensor(self.step), "n": torch.tensor(self.n), "seconds": torch.tensor(self.seconds),
+                **{f"sum/{k}": torch.tensor(v, dtype=torch.float64) for k, v in self.sums.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step, self.n, self.seconds = int(sd["step"]), int(sd.get("n", 0)), float(sd.get("seconds", 0.0))
+        self.sums = {k[4:]: float(v) for k, v in sd.items() if k.startswith("sum/")}
+
+
+def warmup_lr(step: int, lr: float, warmup: int, total: int, decay: bool = True) -> float:
+    """Linear warm-up, then cosine decay to 10% (or constant when not `decay`)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if not decay:
+        return lr
+    frac = (step - warmup) / max(1, total - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

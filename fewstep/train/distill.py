@@ -1,0 +1,214 @@
+"""Stage 5: the student, distilled from the teacher to 1-4 steps by Adversarial Diffusion
+Distillation (Sauer et al. 2023, "Adversarial Diffusion Distillation", the SD-/SDXL-Turbo recipe).
+
+The student starts as a copy of the teacher and is trained at the four trailing timesteps
+999 / 749 / 499 / 249 on noised real latents x_s, except that at 999 its input is pure noise: at
+inference a 1-step sample starts from pure noise, and with Stable Diffusion's schedule x_999 still
+holds 7% of the data, which a student could learn to lean on. From its one-step sample x0_hat:
+
+* adversarial loss (hinge): a discriminator judges x0_hat against real latents. As in LADD (Sauer
+  et al. 2024, "Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion
+  Distillation") the frozen features are the teacher UNet's own encoder (its down blocks and
+  mid block) on re-noised latents, so the discriminator works in latent space and no VAE decode
+  is backpropagated; one small head per feature map, conditioned on the pooled text by projection
+  (Miyato & Koyama 2018), as ADD's heads are;
+* distillation loss: x0_hat re-noised to a random teacher timestep t, the teacher's
+  classifier-free-guided x0 prediction there as the (stop-gradient) target, squared error weighted
+  by c(t) = sqrt(alphas_cumprod[t]) (ADD's "exponential" weighting), lambda = 2.5.
+
+ADD's fixed lambda balances losses measured in its own units (DINOv2 features, SDXL latents); here
+the scales differ, so the adversarial gradient is rescaled to ADV_BALANCE times the norm of the
+distillation gradient, VQGAN's adaptive weight (Esser et al. 2021, eq. 7), taken at x0_hat rather
+than at the last layer: both losses reach the student only through x0_hat, so the two gradients
+are computed there (the costly one, through the teacher's encoder, once) and sent back together.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schedules import alphas_cumprod
+from .common import EMA, batches, generator, set_lr, warmup_lr
+from .loop import Hyper, Stage
+from .sizes import Sizes
+from .teacher import GUIDANCE, LatentData, diffuse
+
+STUDENT_TIMESTEPS = (999, 749, 499, 249)  # trailing spacing of 4 steps: what the exported scheduler uses
+STUDENT_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # one step (t = 999) is the shipped default, so it is drawn most
+DISTILL_WEIGHT = 2.5  # lambda of ADD
+DISC_MAX_T = 700  # the discriminator sees latents re-noised to t ~ U[0, 700)
+ADV_BALANCE = 1.0  # adversarial gradient norm / distillation gradient norm at x0_hat
+
+
+def encoder_features(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+    """The outputs of the UNet's down blocks and mid block (the first half of `UNet.forward`)."""
+    emb = unet.time_embed(x, t, None, None, None)
+    h = unet.conv_in(x)
+    skips, feats = [h], []
+    for block in unet.down_blocks:
+        h = block(h, emb, context, skips)
+        feats.append(h)
+    if unet.mid_block is not None:
+        feats.append(unet.mid_block(h, emb, context))
+    return feats
+
+
+class Head(nn.Module):
+    """conv-GroupNorm-SiLU-conv on one feature map, then a projection-discriminator logit per
+    position: out(h) + <h, W text> / sqrt(C)."""
+
+    def __init__(self, channels: int, text_dim: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(min(8, channels), channels),
+                                  nn.SiLU(), nn.Conv2d(channels, channels, 1))
+        self.out = nn.Conv2d(channels, 1, 1)
+        self.embed = nn.Linear(text_dim, channels)
+
+    def forward(self, f: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.body(f))
+        proj = (h * self.embed(pooled)[:, :, None, None]).sum(1, keepdim=True) / math.sqrt(h.shape[1])
+        return (self.out(h) + proj).flatten(1)  # [B, H * W]
+
+
+class Discriminator(nn.Module):
+    def __init__(self, channels: list[int], text_dim: int):
+        super().__init__()
+        self.heads = nn.ModuleList(Head(c, text_dim) for c in channels)
+
+    def forward(self, feats: list[torch.Tensor], pooled: torch.Tensor) -> list[torch.Tensor]:
+        """Per-position logits of each head, [B, H_i * W_i]; losses average each head, then the heads,
+        so the 4x4 global heads weigh as much as the 16x16 one."""
+        return [head(f, pooled) for head, f in zip(self.heads, feats)]
+
+
+def head_mean(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v.mean() for v in values]).mean()
+
+
+def feature_channels(unet: nn.Module) -> list[int]:
+    cfg = unet.cfg
+    return list(cfg.block_out_channels) + ([cfg.block_out_channels[-1]] if cfg.mid_block else [])
+
+
+def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+    a = ac[t].view(-1, 1, 1, 1)
+    return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+class ADD:
+    """One stage's student, discriminator, their optimisers and the EMA, and the step that
+    trains them: a generator step on adversarial + distillation loss, then a discriminator step."""
+
+    def __init__(self, stage: Stage, teacher: nn.Module, student: nn.Module, disc: nn.Module, empty: torch.Tensor,
+                 disc_lr: float):
+        from .export import TRAIN_SCHEDULE
+        self.stage, self.teacher, self.empty, self.disc_lr = stage, teacher, empty, disc_lr  # empty: "" [1, 77, D]
+        self.ac = alphas_cumprod(TRAIN_SCHEDULE)
+        h, accel = stage.hyper, stage.accel
+        opt = torch.optim.AdamW(student.parameters(), lr=h.lr, betas=(0.0, 0.99), weight_decay=0.0)
+        d_opt = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
+        self.model, self.disc, self.opt, self.d_opt = accel.prepare(student, disc, opt, d_opt)
+        self.inner_disc = accel.unwrap_model(self.disc)
+        self.ema = EMA(accel.unwrap_model(self.model), 0.995)
+        stage.track(self.ema)
+
+    @torch.no_grad()
+    def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The teacher's guided x0 prediction from x0 re-noised to t (clamped: at t near 999 it divides by 0.07)."""
+        xt = diffuse(x0, noise, t, self.ac)
+        uncond, cond = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]),
+                                    torch.cat([self.empty.expand_as(context), context])).chunk(2)
+        return x0_from_eps(xt, uncond + GUIDANCE * (cond - uncond), t, self.ac).clamp(-5, 5)
+
+    def generator_grad(self, x0_hat: torch.Tensor, b: dict, g: torch.Generator) -> tuple[torch.Tensor, dict, list]:
+        """The gradient at x0_hat (a leaf) of lambda * distillation + w * adversarial, w the adaptive
+        weight; also the (detached) fake and real features for the discriminator step."""
+        adv, distill, feats = self.generator_losses(x0_hat, b, g)
+        g_adv, = torch.autograd.grad(adv, x0_hat)  # through the teacher's encoder
+        g_distill, = torch.autograd.grad(DISTILL_WEIGHT * distill, x0_hat)
+        w = (ADV_BALANCE * g_distill.norm() / (g_adv.norm() + 1e-12)).clamp(max=1e4)
+        logs = {"adv": adv.item(), "distill": distill.item(), "adv_weight": w.item(),
+                "grad_distill": g_distill.norm().item()}
+        return g_distill + w * g_adv, logs, feats
+
+    def generator_losses(self, x0_hat: torch.Tensor, b: dict, g: torch.Generator) -> tuple:
+        """(adversarial, distillation, [fake features detached, real features])."""
+        n = len(x0_hat)
+        t = torch.randint(0, len(self.ac), (n,), generator=g)
+        target = self.target(x0_hat.detach(), t, torch.randn(x0_hat.shape, generator=g), b["context"])
+        distill = (self.ac[t].sqrt() * (x0_hat - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        td = torch.randint(0, DISC_MAX_T, (n,), generator=g)
+        fake_in = diffuse(x0_hat, torch.randn(x0_hat.shape, generator=g), td, self.ac)
+        fake = encoder_features(self.teacher, fake_in, td, b["context"])
+        adv = -head_mean(self.inner_disc(fake, b["pooled"]))  # the unwrapped D: one DDP forward per step
+        with torch.no_grad():
+            real_in = diffuse(b["latents"], torch.randn(x0_hat.shape, generator=g), td, self.ac)
+            real = encoder_features(self.teacher, real_in, td, b["context"])
+        return adv, distill, [[f.detach() for f in fake], real]
+
+    def discriminator_loss(self, fake: list, real: list, pooled: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Hinge loss on the features the generator step produced."""
+        both = self.disc([torch.cat([r, f]) for r, f in zip(real, fake)], torch.cat([pooled, pooled]))
+        logits_real, logits_fake = zip(*(x.chunk(2) for x in both))
+        loss = head_mean([F.relu(1 - x) for x in logits_real]) + head_mean([F.relu(1 + x) for x in logits_fake])
+        return loss, {"d": loss.item(), "d_real": head_mean(logits_real).item(), "d_fake": head_mean(logits_fake).item()}
+
+    def step(self, step: int, b: dict) -> dict:
+        h, accel = self.stage.hyper, self.stage.accel
+        set_lr(self.opt, warmup_lr(step, h.lr, h.warmup, h.steps, decay=False))
+        set_lr(self.d_opt, warmup_lr(step, self.disc_lr, h.warmup, h.steps, decay=False))
+        g = generator(b["seed"] + 1)
+        s = student_timesteps(len(b["latents"]), g)
+        real = b["latents"] * (s != STUDENT_TIMESTEPS[0]).view(-1, 1, 1, 1)  # pure noise at t = 999
+        xs = diffuse(real, torch.randn(real.shape, generator=g), s, self.ac)
+        x0_hat = x0_from_eps(xs, self.model(xs, s, b["context"]), s, self.ac)
+        self.inner_disc.requires_grad_(False)  # the generator step must not touch the discriminator
+        grad, logs, (fake, real) = self.generator_grad(x0_hat.detach().requires_grad_(True), b, g)
+        self.opt.zero_grad(set_to_none=True)
+        accel.backward((x0_hat * grad).sum())  # d/dtheta of this surrogate is J^T grad: the student's gradient
+        accel.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.ema.update(accel.unwrap_model(self.model), step)
+        self.inner_disc.requires_grad_(True)
+        d_loss, d_logs = self.discriminator_loss(fake, real, b["pooled"])
+        self.d_opt.zero_grad(set_to_none=True)
+        accel.backward(d_loss)
+        self.d_opt.step()
+        return {**logs, **d_logs}
+
+
+def student_timesteps(n: int, g: torch.Generator) -> torch.Tensor:
+    idx = torch.multinomial(torch.tensor(STUDENT_WEIGHTS), n, replacement=True, generator=g)
+    return torch.tensor(STUDENT_TIMESTEPS)[idx]
+
+
+def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, disc_lr: float = 1e-4) -> dict:
+    """ADD from OUT/teacher/unet; writes the student's EMA weights to OUT/student/unet/ and returns
+    a quick 1-step accuracy check (full size only)."""
+    from ..loading import load_unet
+    from .evaluate import finish_unet, preview
+    out = Path(out)
+    stage = Stage("student", out, hyper, seed)
+    data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0)
+    teacher = load_unet(out / "teacher" / "unet")
+    student = load_unet(out / "teacher" / "unet").train().requires_grad_(True)
+    torch.manual_seed(seed)
+    disc = Discriminator(feature_channels(teacher), data.text.cfg.hidden_size)
+    with torch.no_grad():
+        empty = data.text(data.tokenizer([""])).last_hidden_state
+    add = ADD(stage, teacher, student, disc, empty, disc_lr)
+    start = stage.restore(resume)
+    def on_preview(step: int) -> None:
+        unet = load_unet(out / "teacher" / "unet")
+        unet.load_state_dict(add.ema.shadow)
+        preview(unet, data, "trailing", 1, 0.0, out / "samples" / f"student-{step:05d}.png")
+
+    done = stage.run(batches(data, start, hyper.steps, hyper.workers), add.step, on_preview)
+    if done and stage.main:
+        return finish_unet(out, "student", stage.accel.unwrap_model(add.model), add.ema, sizes, "trailing", 1, 0.0, 128)
+    return {}

@@ -1,0 +1,97 @@
+"""Score a trained model the way the shipped one is judged: generate one image per prompt of the
+fixed shapes eval set (`sample_prompts`) and read them back with the shapes evaluator
+(`accuracy`: every stated colour, shape, size, position and the background must be right, and
+exactly as many objects); also the CLIP score of the tiny CLIP and a contact sheet to look at.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..configs import SchedulerConfig
+from ..pipeline import Defaults, Pipeline
+
+
+def run_pipeline(run: Path, unet_folder: Path, spacing: str, steps: int, guidance: float) -> Pipeline:
+    """An in-memory fp32 pipeline from a run folder's components (before export)."""
+    from ..loading import load_autoencoder, load_text_encoder, load_unet
+    from ..tokenizer import CLIPTokenizer
+    from .export import scheduler_json
+    run = Path(run)
+    return Pipeline(unet=load_unet(unet_folder), vae=load_autoencoder(run / "vae"),
+                    text_encoders=[load_text_encoder(run / "clip" / "text_encoder")],
+                    tokenizers=[CLIPTokenizer.from_folder(run / "tokenizer")],
+                    scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
+                    defaults=Defaults(steps=steps, guidance=guidance), name=Path(unet_folder).parent.name)
+
+
+def generate(pipe: Pipeline, prompts: list[str], seed: int = 0, batch: int = 25, **kw) -> np.ndarray:
+    """uint8 [N, H, W, 3], image i from seed + i (the pipeline's per-image seeding)."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        x = pipe(prompts[i:i + batch], seed=seed + i, output_type="pt", progress=False, **kw)
+        out.append(((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+def evaluate(pipe: Pipeline, n: int = 200, seed: int = 0, clip_folder: Path | None = None,
+             sheet: Path | None = None, **kw) -> dict:
+    """Accuracy (one / two / all) on the first n eval prompts, seconds per image, mean CLIP score."""
+    from ..shapes.caption import sample_prompts
+    from ..shapes.evaluate import accuracy
+    prompts = sample_prompts(seed, n)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        images = generate(pipe, prompts, **kw)
+    result = accuracy(prompts, list(images))
+    result["seconds_per_image"] = round((time.perf_counter() - t0) / n, 4)
+    if clip_folder is not None and Path(clip_folder).is_dir():
+        from .clip import clip_score, load_clip
+        model, tok = load_clip(clip_folder)
+        result["clip_score"] = round(float(clip_score(model, tok, images, prompts).mean()), 2)
+    if sheet is not None:
+        from ..shapes.render import contact_sheet
+        Path(sheet).parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(images[:16], prompts[:16], cols=8, width=160).save(sheet)
+    return result
+
+
+def quick_check(run: Path, unet_folder: Path, spacing: str, steps: int, guidance: float, n: int, sheet: Path) -> dict:
+    """A stage's closing check on n eval prompts (printed, and kept in the recipe's report)."""
+    pipe = run_pipeline(run, unet_folder, spacing, steps, guidance)
+    result = evaluate(pipe, n, sheet=sheet)
+    print(f"{pipe.name}: {steps} steps, guidance {guidance}: accuracy one {result['one']:.3f} two {result['two']:.3f} "
+          f"all {result['all']:.3f}; contact sheet {sheet}", flush=True)
+    return result
+
+
+@torch.no_grad()
+def preview(unet: torch.nn.Module, data, spacing: str, steps: int, guidance: float, path: Path, n: int = 8) -> None:
+    """A contact sheet of n eval prompts from a UNet in training (with the stage's frozen text
+    encoder, tokenizer and VAE from `data`, a teacher.LatentData)."""
+    from ..shapes.caption import sample_prompts
+    from ..shapes.render import contact_sheet
+    from .export import scheduler_json
+    pipe = Pipeline(unet=unet.eval(), vae=data.vae, text_encoders=[data.text], tokenizers=[data.tokenizer],
+                    scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
+                    defaults=Defaults(steps=steps, guidance=guidance))
+    prompts = sample_prompts(0, n)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(generate(pipe, prompts, batch=n), prompts, cols=n, width=160).save(path)
+
+
+def finish_unet(run: Path, name: str, unet: torch.nn.Module, ema, sizes, spacing: str, steps: int, guidance: float,
+                n: int) -> dict:
+    """A UNet stage's end: its EMA weights to OUT/NAME/unet/ (fp32), then a quick check on n eval
+    prompts (full size only: the evaluator reads 128x128 scenes)."""
+    from .export import save_unet
+    unet.load_state_dict(ema.shadow)
+    save_unet(Path(run) / name / "unet", unet)
+    if sizes.image < 128:
+        return {}
+    return {"check": quick_check(run, Path(run) / name / "unet", spacing, steps, guidance, n,
+                                 Path(run) / "samples" / f"{name}-stage.png")}

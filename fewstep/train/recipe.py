@@ -1,0 +1,130 @@
+"""The whole shapes-turbo recipe, in order, from nothing to two shippable folders:
+
+    tokenizer -> clip -> vae -> teacher -> student -> export (+ evaluation)
+
+1. a CLIP-style BPE tokenizer learned on captions (seconds);
+2. a tiny CLIP trained contrastively; its text transformer is frozen from here on;
+3. a KL autoencoder, 128x128x3 <-> 16x16x4;
+4. the teacher: a latent DDPM UNet with classifier-free guidance and EMA;
+5. the student: adversarial diffusion distillation of the teacher to 1-4 steps;
+6. export: OUT/shapes-teacher and OUT/shapes-turbo (diffusers layout, fp16), then both are scored
+   with the shapes evaluator; the numbers go to OUT/report.json.
+
+Every stage reads what the earlier ones wrote under OUT and is resumable (`resume=True` continues a
+stage from its checkpoint, and `all` skips stages whose output already exists).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .loop import Hyper
+from .sizes import SETTINGS, sizes
+from .teacher import GUIDANCE
+
+STAGES = ("tokenizer", "clip", "vae", "teacher", "student", "export")
+OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model.safetensors",
+           "vae": "vae/diffusion_pytorch_model.safetensors", "teacher": "teacher/unet/diffusion_pytorch_model.safetensors",
+           "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
+TEACHER_DEFAULTS = {"steps": 25, "guidance": GUIDANCE}
+STUDENT_DEFAULTS = {"steps": 1, "guidance": 0.0}
+
+
+def hyper(stage: str, tiny: bool, scale: float = 1.0, **overrides) -> Hyper:
+    """A stage's settings: the defaults of sizes.SETTINGS, steps scaled by `scale`, then the
+    overrides that are not None (steps, batch, lr, workers, stop_at)."""
+    h = SETTINGS["tiny" if tiny else "full"][stage]
+    h = replace(h, steps=max(1, round(h.steps * scale)))
+    return replace(h, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: bool = False,
+              evaluate_n: int = 200, **overrides) -> dict:
+    """Run one stage; returns what it reports (wall time, and accuracies for export)."""
+    out, t0 = Path(out), time.perf_counter()
+    _require(out, stage)
+    report = {}
+    if stage in ("tokenizer", "export"):  # one process's work, also under `accelerate launch`
+        from accelerate import PartialState
+        state = PartialState(cpu=True)
+        if state.is_main_process and stage == "tokenizer":
+            from .tokenizer import train_tokenizer
+            report["vocab"] = len(train_tokenizer(out / "tokenizer", seed=seed, n=2000 if tiny else 20000))
+        elif state.is_main_process:
+            import torch
+
+            from .common import cpu_count
+            torch.set_num_threads(cpu_count())
+            report.update(export_and_score(out, tiny, evaluate_n))
+        state.wait_for_everyone()
+    else:
+        train = _trainer(stage)
+        report.update(train(out, sizes(tiny), hyper(stage, tiny, **overrides), seed, resume) or {})
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def _require(out: Path, stage: str) -> None:
+    """The outputs of the earlier stages this one reads, or a one-line error naming the stage to run."""
+    from ..errors import FewstepError
+    needs = {"tokenizer": (), "clip": ("tokenizer",), "vae": (), "teacher": ("tokenizer", "clip", "vae"),
+             "student": ("tokenizer", "clip", "vae", "teacher"), "export": ("tokenizer", "clip", "vae", "teacher",
+                                                                          "student")}
+    for earlier in needs[stage]:
+        if not (out / OUTPUTS[earlier]).is_file():
+            raise FewstepError(f"stage '{stage}' needs {out / OUTPUTS[earlier]}: run `fewstep train {earlier} "
+                               f"--out {out}` first (or `fewstep train all`)")
+
+
+def _trainer(stage: str):
+    if stage == "clip":
+        from .clip import train_clip
+        return train_clip
+    if stage == "vae":
+        from .vae import train_vae
+        return train_vae
+    if stage == "teacher":
+        from .teacher import train_teacher
+        return train_teacher
+    from .distill import train_student
+    return train_student
+
+
+def export_and_score(out: Path, tiny: bool, n: int) -> dict:
+    """Write OUT/shapes-teacher and OUT/shapes-turbo, load them with `fewstep.load`, score both."""
+    from .. import load
+    from .evaluate import evaluate
+    from .export import export_pipeline, folder_megabytes
+    folders = {"teacher": export_pipeline(out, out / "teacher" / "unet", out / "shapes-teacher", "linspace",
+                                          TEACHER_DEFAULTS),
+               "student": export_pipeline(out, out / "student" / "unet", out / "shapes-turbo", "trailing",
+                                          STUDENT_DEFAULTS)}
+    report = {f"{k}_mb": round(folder_megabytes(v), 2) for k, v in folders.items()}
+    if n <= 0 or tiny:
+        return report
+    for name, folder in folders.items():
+        pipe = load(folder)
+        report[name] = evaluate(pipe, n, clip_folder=out / "clip", sheet=out / "samples" / f"{name}.png")
+        if name == "student":
+            report["student_4_steps"] = evaluate(pipe, n, steps=4, sheet=out / "samples" / "student-4.png")
+        print(f"{name}: {report[name]}", flush=True)
+    return report
+
+
+def run_all(out: Path, tiny: bool = False, seed: int = 0, resume: bool = False, scale: float = 1.0,
+            workers: int | None = None, evaluate_n: int = 200) -> dict:
+    """Every stage in order (skipping finished ones when resuming); writes OUT/report.json."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.json"
+    report = json.loads(path.read_text()) if resume and path.is_file() else {}
+    for stage in STAGES:
+        if resume and (out / OUTPUTS[stage]).is_file() and stage in report:
+            continue
+        extra = {} if stage in ("tokenizer", "export") else {"scale": scale, "workers": workers}
+        report[stage] = run_stage(stage, out, tiny, seed, resume, evaluate_n, **extra)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    return report
