@@ -123,6 +123,43 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         sys.stdout.write(text)
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="a shapes model folder (default: the built-in model)")
+    p.add_argument("--n", type=int, default=500, help="prompts of the fixed, seeded eval set")
+    p.add_argument("--steps", default=None, help="comma-separated step counts (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--sampler", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default=None, help="write a prompts x steps sample grid PNG here")
+    p.add_argument("--clip", default=None, help="a trained tiny-CLIP folder (RUN/clip; default: the built-in one)")
+    p.add_argument("--no-clip", action="store_true", help="skip the tiny-CLIP score and Fréchet distance")
+
+
+def cmd_eval(a: argparse.Namespace) -> None:
+    import fewstep
+
+    from .evaluation import TinyCLIPScorer, evaluate, markdown, sample_grid
+    from .shapes.caption import sample_prompts
+    from .shapes.render import batch
+    pipe = fewstep.load(a.model)
+    steps = [int(s) for s in a.steps.split(",")] if a.steps else [pipe.defaults.steps]
+    prompts = sample_prompts(a.seed, a.n)
+    clip = None if a.no_clip else TinyCLIPScorer(a.clip)
+    reference = None if clip is None else batch(a.seed + 1, a.n, drop=0.0)[0]
+    results, columns = [], {}
+    for s in steps:
+        r, images = evaluate(pipe, prompts, s, a.seed, clip, reference, guidance=a.guidance, sampler=a.sampler)
+        results.append(r)
+        columns[s] = images
+        print(markdown([r], pipe.name).splitlines()[-1], flush=True)
+    print(markdown(results, pipe.name))
+    if a.grid:
+        path = Path(a.grid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sample_grid(columns, prompts).save(path)
+        print(path)
+
+
 def _one_line_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
@@ -134,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
     _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
+    _eval_args(sub.add_parser("eval", help="accuracy, tiny-CLIP score, Fréchet distance and speed of a shapes model"))
     from .train.cli import add_train_parser, cmd_train
     add_train_parser(sub)
     a = parser.parse_args(argv)
     _one_line_warnings()
     try:
-        {"generate": cmd_generate, "inspect": cmd_inspect, "train": cmd_train}[a.command](a)
+        {"generate": cmd_generate, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval}[a.command](a)
     except FewstepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -28,13 +28,13 @@ class EvalResult:
     images_per_second: float
 
 
-def generate(pipe, prompts: list[str], steps: int, seed: int, batch: int = 16, **kw) -> tuple[np.ndarray, float]:
-    """uint8 images [N, H, W, 3] for `prompts` (prompt i uses seed + i, whatever the batch) and the seconds taken."""
-    out, t0 = [], time.perf_counter()
+def generate(pipe, prompts: list[str], seed: int = 0, batch: int = 16, **kw) -> np.ndarray:
+    """uint8 images [N, H, W, 3] for `prompts`; prompt i uses seed + i, whatever the batch size."""
+    out = []
     for j in range(0, len(prompts), batch):
-        x = pipe(prompts[j:j + batch], steps=steps, seed=seed + j, progress=False, output_type="pt", **kw)
+        x = pipe(prompts[j:j + batch], seed=seed + j, progress=False, output_type="pt", **kw)
         out.append(((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out), time.perf_counter() - t0
+    return np.concatenate(out)
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,7 +59,9 @@ def evaluate(pipe, prompts: list[str], steps: int, seed: int = 0, clip=None, ref
     `score(images, prompts)` (both taking [N, 3, H, W] in [-1, 1]); `reference` are renderer images
     for the Fréchet distance. Returns the result and the generated images."""
     from .shapes.evaluate import accuracy
-    images, seconds = generate(pipe, prompts, steps, seed, batch, **kw)
+    t0 = time.perf_counter()
+    images = generate(pipe, prompts, seed, batch, steps=steps, **kw)
+    seconds = time.perf_counter() - t0
     acc = accuracy(prompts, list(images))
     score = fid = None
     if clip is not None:
@@ -81,3 +83,37 @@ def markdown(results: list[EvalResult], model: str) -> str:
         lines.append(f"| {model} | {r.steps} | {r.one:.1%} ({r.n_one}) | {r.two:.1%} ({r.n_two}) | {clip} | {fid} "
                      f"| {r.images_per_second:.1f} |")
     return "\n".join(lines)
+
+
+class TinyCLIPScorer:
+    """The shipped tiny CLIP (fewstep/assets/shapes-clip) as `evaluate` wants it: `score(x, prompts)`
+    (cosine similarity of image and prompt embeddings) and `features(x)`, x in [-1, 1]."""
+
+    def __init__(self, folder=None):
+        from pathlib import Path
+
+        from .errors import FewstepError
+        from .loading import ASSETS
+        from .train.clip import load_clip
+        folder = Path(folder) if folder else ASSETS / "shapes-clip" / "clip"
+        if not (folder / "image_tower.safetensors").is_file():
+            raise FewstepError(f"no tiny-CLIP model in {folder}: pass --clip RUN/clip (from `fewstep train`) "
+                               "or --no-clip")
+        self.model, self.tokenizer = load_clip(folder)
+
+    def score(self, x: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return (self.model.encode_image(x) * self.model.encode_text(self.tokenizer(prompts))).sum(-1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def sample_grid(columns: dict[int, np.ndarray], prompts: list[str], rows: int = 6):
+    """prompts x step counts: row r shows prompt r at each step count, captioned "N steps: prompt"."""
+    from .shapes.render import contact_sheet
+    images, captions = [], []
+    for r in range(rows):
+        for steps, ims in columns.items():
+            images.append(ims[r])
+            captions.append(f"{steps} step{'s' if steps > 1 else ''}: {prompts[r]}")
+    return contact_sheet(images, captions, cols=len(columns), width=200)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..configs import SchedulerConfig
+from ..evaluation import generate
 from ..pipeline import Defaults, Pipeline
 
 
@@ -27,15 +27,6 @@ def run_pipeline(run: Path, unet_folder: Path, spacing: str, steps: int, guidanc
                     tokenizers=[CLIPTokenizer.from_folder(run / "tokenizer")],
                     scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
                     defaults=Defaults(steps=steps, guidance=guidance), name=Path(unet_folder).parent.name)
-
-
-def generate(pipe: Pipeline, prompts: list[str], seed: int = 0, batch: int = 25, **kw) -> np.ndarray:
-    """uint8 [N, H, W, 3], image i from seed + i (the pipeline's per-image seeding)."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        x = pipe(prompts[i:i + batch], seed=seed + i, output_type="pt", progress=False, **kw)
-        out.append(((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-    return np.concatenate(out)
 
 
 def evaluate(pipe: Pipeline, n: int = 200, seed: int = 0, clip_folder: Path | None = None,
