@@ -64,17 +64,10 @@ def _from_tokenizer_json(path: Path):
     return tok
 
 
-def _from_vocab_merges(folder: Path, special: dict):
-    """CLIP's BPE rebuilt from vocab.json + merges.txt, as transformers' converter builds it."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-
-    vocab, merges = folder / "vocab.json", folder / "merges.txt"
-    for f in (vocab, merges):
-        if not f.is_file():
-            raise FewstepError(f"CLIP tokenizer folder {folder} has no {f.name} (needs vocab.json and merges.txt)")
-    tok = Tokenizer(BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="",
-                                  end_of_word_suffix="</w>", fuse_unk=False, unk_token=special["unk_token"][0]))
+def set_clip_processing(tok):
+    """CLIP's normalizer (NFC, whitespace runs to one space, lower case), pre-tokenizer (CLIP's regex,
+    then byte-level) and decoder, as transformers' converter builds them; returns `tok`."""
+    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -82,6 +75,20 @@ def _from_vocab_merges(folder: Path, special: dict):
                                    r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
+    return tok
+
+def _from_vocab_merges(folder: Path, special: dict):
+    """CLIP's BPE rebuilt from vocab.json + merges.txt, as transformers' converter builds it."""
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import BPE
+
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    for f in (vocab, merges):
+        if not f.is_file():
+            raise FewstepError(f"CLIP tokenizer folder {folder} has no {f.name} (needs vocab.json and merges.txt)")
+    tok = set_clip_processing(Tokenizer(BPE.from_file(str(vocab), str(merges), continuing_subword_prefix="",
+                                                      end_of_word_suffix="</w>", fuse_unk=False,
+                                                      unk_token=special["unk_token"][0])))
     # As transformers does, every special token is also matched inside prompts: a literal
     # "<|endoftext|>" is one token, and with SDXL's pad token "!" every "!" in a prompt becomes
     # id 0 instead of merging ("paint!" -> "paint</w>", "!"). Pad comes last and wins on duplicates.

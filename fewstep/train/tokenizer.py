@@ -33,19 +33,12 @@ def bytes_to_unicode() -> list[str]:
 def clip_tokenizer(vocab: dict | None = None, merges: list | None = None):
     """An empty (or given) BPE with CLIP's normalizer and pre-tokenizer, exactly as
     `fewstep.tokenizer._from_vocab_merges` and transformers' CLIPTokenizer build theirs."""
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer
     from tokenizers.models import BPE
 
-    tok = Tokenizer(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-                        fuse_unk=False, unk_token=EOS))
-    tok.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-                                   r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    return tok
+    from ..tokenizer import set_clip_processing
+    return set_clip_processing(Tokenizer(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                                             fuse_unk=False, unk_token=EOS)))
 
 
 def captions(seed: int, n: int, drop: float = 0.3) -> list[str]:
