@@ -26,9 +26,9 @@ import torch
 from .configs import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig
 from .convert import clip_modules, materialize, openclip_modules, plan, unet_modules, vae_modules
 from .errors import FewstepError
+from .weights import PICKLE_SUFFIXES, read_pickle
 
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 EXPECTED = "(expected SD 1.x, SD 2.x or SDXL keys)"
 # Text towers: (checkpoint prefix, component, tower kind), per family and key layout (LDM or SGM).
 TEXT_LAYOUTS = {
@@ -73,9 +73,7 @@ def read_checkpoint(path, allow_pickle: bool = False, prediction_type: str | Non
             shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
             return _convert(shapes, handle.get_tensor, prediction_type)
     if suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise FewstepError(f"{path}: pickle checkpoints can run code; pass allow_pickle=True if you trust it")
-        return convert_state_dict(_load_pickle(path), prediction_type)
+        return convert_state_dict(read_pickle(path, allow_pickle), prediction_type)
     raise FewstepError(f"{path}: unsupported checkpoint format {suffix!r} "
                        f"(expected .safetensors, or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
 
@@ -83,20 +81,6 @@ def read_checkpoint(path, allow_pickle: bool = False, prediction_type: str | Non
 def convert_state_dict(state_dict: Mapping[str, torch.Tensor], prediction_type: str | None = None) -> SingleFile:
     """Convert an in-memory original-layout state dict (meta tensors work: detection reads shapes only)."""
     return _convert({k: tuple(v.shape) for k, v in state_dict.items()}, state_dict.__getitem__, prediction_type)
-
-
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FewstepError(f"cannot load {path} with weights_only=True ({first}); "
-                           "convert it to .safetensors with a tool you trust") from None
-    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning wraps the weights
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise FewstepError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}  # drops epoch/global_step counters
 
 
 def _convert(shapes: dict[str, tuple], get: Callable[[str], torch.Tensor], prediction_type: str | None) -> SingleFile:

@@ -56,7 +56,7 @@ def _download(repo: str, variant: str | None, patterns: list[str] | None = None)
 
 
 def _component(folder: Path, stem: str, variant, allow_pickle, make, what, device, dtype):
-    sd = read_state_dict(find_weights(folder, stem, variant, allow_pickle), allow_pickle)
+    sd = read_state_dict(find_weights(folder, stem, variant), allow_pickle)
     return build(make, sd, what, device, dtype)
 
 

@@ -45,14 +45,7 @@ def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.T
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise FewstepError(f"{path} is a pickle file, which can run code when loaded; "
-                               "convert it to .safetensors or pass allow_pickle=True if you trust it")
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad pickle
-            raise FewstepError(f"cannot read {path} as a weights-only checkpoint: {e}") from None
-        return sd.get("state_dict", sd)
+        return read_pickle(path, allow_pickle)
     raise FewstepError(f"unknown weights format: {path} (expected .safetensors, or .ckpt/.pt/.bin)")
 
 
@@ -73,6 +66,25 @@ def no_init():
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+
+
+def read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The tensors of a pickle checkpoint, only with the caller's consent and only through
+    `torch.load(weights_only=True)`; Lightning's nested `state_dict` is unwrapped."""
+    if not allow_pickle:
+        raise FewstepError(f"{path} is a pickle file: pickle checkpoints can run code; pass allow_pickle=True if you "
+                           "trust it (or convert it to .safetensors)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad or unsafe pickle
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FewstepError(f"cannot load {path} with weights_only=True ({first}); "
+                           "convert it to .safetensors with a tool you trust") from None
+    while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning wraps the weights
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise FewstepError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}  # drops epoch/global_step counters
 
 
 def _names(keys, limit: int = 6) -> str:
@@ -117,7 +129,7 @@ def build(make: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str,
     return module.eval().requires_grad_(False)
 
 
-def find_weights(folder: Path, stem: str, variant: str | None, allow_pickle: bool) -> Path:
+def find_weights(folder: Path, stem: str, variant: str | None) -> Path:
     """The weights file of one diffusers component folder, e.g. stem 'diffusion_pytorch_model'.
 
     Preference: the requested variant, else plain weights, else the fp16 variant; safetensors
@@ -129,9 +141,6 @@ def find_weights(folder: Path, stem: str, variant: str | None, allow_pickle: boo
         for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
             path = folder / (name + suffix)
             if path.is_file():
-                if ".bin" in suffix and not allow_pickle:
-                    raise FewstepError(f"{path} is a pickle file, which can run code when loaded; "
-                                       "pass allow_pickle=True if you trust it")
                 return path
     wanted = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
     raise FewstepError(f"no weights in {folder}: expected {wanted}")
