@@ -102,7 +102,9 @@ class Pipeline:
 
     @property
     def vae_scale(self) -> int:
-        return 8
+        """Pixels per latent: 2 ** (levels - 1) for an AutoencoderKL, as diffusers computes it; TAESD is 8x."""
+        levels = getattr(self.vae.cfg, "block_out_channels", None)
+        return 2 ** (len(levels) - 1) if levels else 8
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -197,6 +199,6 @@ class Pipeline:
                          generator=torch.Generator().manual_seed(seed), callback=callback, progress=progress)
         if output_type == "latent":
             return z
-        images = safe_decode(self.vae, z.to(self.dtype), upcast=getattr(self.vae, "cfg", None) is not None
-                             and getattr(self.vae.cfg, "force_upcast", False) and self.dtype == torch.float16)
+        upcast = self.dtype == torch.float16 and getattr(self.vae.cfg, "force_upcast", False)
+        images = safe_decode(self.vae, z.to(self.dtype), upcast=upcast)
         return images if output_type == "pt" else to_pil(images)
