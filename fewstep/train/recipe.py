@@ -30,7 +30,8 @@ OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model
            "vae": "vae/diffusion_pytorch_model.safetensors", "teacher": "teacher/unet/diffusion_pytorch_model.safetensors",
            "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
 TEACHER_DEFAULTS = {"steps": 25, "guidance": GUIDANCE}
-STUDENT_DEFAULTS = {"steps": 1, "guidance": 0.0}
+# 4 steps: the shipped student scored 57% one-object at 4 steps vs 21% at 1 (200 eval prompts)
+STUDENT_DEFAULTS = {"steps": 4, "guidance": 0.0}
 
 
 def hyper(stage: str, tiny: bool, scale: float = 1.0, **overrides) -> Hyper:
