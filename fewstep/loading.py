@@ -16,7 +16,7 @@ import torch
 
 from .configs import CLIPTextConfig, SchedulerConfig, TAEConfig, UNetConfig, VAEConfig, read_json
 from .errors import FewstepError
-from .pipeline import Defaults, Pipeline
+from .pipeline import Defaults, Pipeline, vae_dtype
 from .weights import build, find_weights, read_state_dict
 
 ASSETS = Path(__file__).parent / "assets"
@@ -129,18 +129,30 @@ def _defaults(folder: Path, sched: SchedulerConfig) -> Defaults:
 
 def load(path: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          variant: str | None = None, allow_pickle: bool = False, config: str | Path | None = None,
-         prediction_type: str | None = None) -> Pipeline:
+         prediction_type: str | None = None, channels_last: bool = False, fuse_qkv: bool = False,
+         decoder: str | Path | None = None) -> Pipeline:
     """Load a text-to-image pipeline.
 
     path: a diffusers folder, a single-file checkpoint (.safetensors; .ckpt only with allow_pickle), a hub
     id, or None for the built-in default model. config: for single files, a diffusers folder whose
     configs and tokenizers to use (as diffusers' `from_single_file(config=...)`); prediction_type
-    overrides the scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files)."""
+    overrides the scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files).
+
+    dtype applies to the UNet and text encoders; an fp16 pipeline keeps a `force_upcast` VAE in fp32
+    (`pipeline.vae_dtype`). channels_last, fuse_qkv and decoder ("tiny", "full" or a TAESD folder)
+    are the speed options of `fewstep.accel.optimize`."""
+    from .accel import optimize
     root = resolve(path, variant)
     if root.is_file():
         from .single_file import load_single_file
-        return load_single_file(root, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
+        pipe = load_single_file(root, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,
                                 prediction_type=prediction_type)
+    else:
+        pipe = _load_folder(root, device, dtype, variant, allow_pickle, prediction_type)
+    return optimize(pipe, channels_last=channels_last, fuse_qkv=fuse_qkv, decoder=decoder)
+
+
+def _load_folder(root: Path, device, dtype, variant, allow_pickle, prediction_type) -> Pipeline:
     index = read_json(root / "model_index.json")
     sched = SchedulerConfig.from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"))
     if prediction_type:
@@ -148,9 +160,11 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "cpu", 
     names = ["text_encoder", "text_encoder_2"] if "text_encoder_2" in index else ["text_encoder"]
     from .tokenizer import CLIPTokenizer
     kw = dict(device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
+    # fp32 first, so an fp16 pipeline's upcast VAE keeps its fp32 weights; then the dtype it should have
+    vae = load_autoencoder(root / "vae", **{**kw, "dtype": torch.float32 if dtype == torch.float16 else dtype})
     return Pipeline(
         unet=load_unet(root / "unet", **kw),
-        vae=load_autoencoder(root / "vae", **kw),
+        vae=vae.to(vae_dtype(vae.cfg, dtype)),
         text_encoders=[load_text_encoder(root / n, **kw) for n in names],
         tokenizers=[CLIPTokenizer.from_folder(root / n.replace("text_encoder", "tokenizer")) for n in names],
         scheduler=sched,

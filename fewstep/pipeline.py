@@ -46,12 +46,22 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-def safe_decode(ae: torch.nn.Module, z: torch.Tensor, upcast: bool = False) -> torch.Tensor:
-    """Decode latents; if a half-precision VAE overflows (NaN/inf), warn and decode again in fp32."""
-    dtype = next(ae.parameters()).dtype
-    if upcast and dtype != torch.float32:
-        return _decode_as(ae, z, torch.float32)
-    x = ae.decode(z.to(dtype))
+def vae_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to keep an autoencoder in when the rest of a pipeline runs in `dtype`.
+
+    An fp16 pipeline whose VAE config says `force_upcast` (SD 1.x / 2.x / XL: decoder activations
+    overflow fp16) keeps that VAE in fp32, decided once at load time. diffusers decodes such a VAE in
+    fp32 too, but converts it there and back around every call. bf16 has fp32's range and is kept,
+    as diffusers does (it upcasts for float16 only). TAESD configs have no such flag."""
+    return torch.float32 if dtype == torch.float16 and getattr(cfg, "force_upcast", False) else dtype
+
+
+def safe_decode(ae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Decode latents in the autoencoder's own dtype; if a half-precision one overflows (NaN/inf),
+    warn and decode again in fp32 (a rare, per-call conversion; see `vae_dtype` for the usual case)."""
+    p = next(ae.parameters())
+    dtype = p.dtype
+    x = ae.decode(z.to(p.device, dtype))
     if not torch.isfinite(x).all():
         if dtype == torch.float32:
             raise FewstepError("the VAE produced NaN/inf in fp32: the latents are broken (check the model and inputs)")
@@ -76,7 +86,11 @@ def check_size(width: int, height: int) -> None:
 
 @dataclass
 class Pipeline:
-    """A loaded text-to-image model. Call it with a prompt; see `__call__`."""
+    """A loaded text-to-image model. Call it with a prompt; see `__call__`.
+
+    `decoder` (e.g. TAESD, set by `fewstep.accel.optimize`) decodes instead of `vae` when set; `vae`
+    stays for encoding and for switching back. `channels_last` hands the UNet and the decoder their
+    inputs in channels-last layout (their weights are converted by `optimize` too)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -86,6 +100,8 @@ class Pipeline:
     force_zeros_for_empty_prompt: bool = False
     defaults: Defaults = field(default_factory=Defaults)
     name: str = ""
+    decoder: torch.nn.Module | None = None
+    channels_last: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -133,20 +149,37 @@ class Pipeline:
             cond["time_ids"] = time_ids.to(self.device, self.dtype).repeat(context.shape[0], 1)
         return cond
 
-    def _model_fn(self, cond: dict, guidance: float, cfg: bool) -> Callable:
-        unet = self.unet
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def _model_fn(self, cond: dict, guidance: float, cfg: bool, cache=None) -> Callable:
+        """The guided model output as a function of (x, t), in fp32. `cache` (e.g. fewstep.deepcache)
+        wraps the UNet for this one generation, so any state it keeps starts fresh each call."""
+        proj_dim = self.unet.cfg.time_cond_proj_dim
+        unet = self.unet if cache is None else cache.wrap(self.unet)
         n = cond["context"].shape[0] // (2 if cfg else 1)
-        if unet.cfg.time_cond_proj_dim is not None:
+        if proj_dim is not None:
             w = torch.full((n,), guidance - 1.0)
-            cond = {**cond, "timestep_cond": guidance_embedding(w, unet.cfg.time_cond_proj_dim).to(self.device, self.dtype)}
+            cond = {**cond, "timestep_cond": guidance_embedding(w, proj_dim).to(self.device, self.dtype)}
+        fmt = self.memory_format
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x = x.to(self.dtype)
+            x = x.to(self.dtype, memory_format=fmt)
+            if cfg:
+                x = torch.cat([x, x])
+            out = unet(x, t, **cond).to(torch.float32, memory_format=torch.contiguous_format)
             if not cfg:
-                return unet(x, t, **cond).float()
-            uncond, text = unet(torch.cat([x, x]), t, **cond).float().chunk(2)
+                return out
+            uncond, text = out.chunk(2)
             return uncond + guidance * (text - uncond)
         return model_fn
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (diffusion space) -> images [N, 3, H, W] in [-1, 1], with `decoder` if set, else `vae`."""
+        ae = self.vae if self.decoder is None else self.decoder
+        return safe_decode(ae, z.to(memory_format=self.memory_format)).contiguous()
 
     def _initial_latents(self, latents, n: int, width: int, height: int, seed: int) -> torch.Tensor:
         shape = (n, self.unet.cfg.out_channels, height // self.vae_scale, width // self.vae_scale)
@@ -165,9 +198,13 @@ class Pipeline:
                  latents: torch.Tensor | None = None, karras: bool | None = None, eta: float = 0.0,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, callback: Callable | None = None,
-                 progress: bool = True, output_type: str = "pil"):
+                 progress: bool = True, output_type: str = "pil", cache=None):
         """Generate `num_images` images per prompt; returns PIL images (or a [N,3,H,W] tensor in [-1, 1]
-        with output_type="pt", or latents with output_type="latent")."""
+        with output_type="pt", or latents with output_type="latent").
+
+        `callback(i, x, denoised, sigma)` sees every step (`fewstep.accel.preview_callback` makes
+        previews); `cache` is an object whose `wrap(unet)` returns a callable used exactly like the
+        UNet for this generation (feature caching, e.g. `fewstep.deepcache`)."""
         d = self.defaults
         steps = d.steps if steps is None else steps
         guidance = d.guidance if guidance is None else guidance
@@ -193,12 +230,11 @@ class Pipeline:
         time_ids = torch.tensor([list((original_size or (height, width)) + tuple(crop_top_left)
                                      + (target_size or (height, width)))], dtype=torch.float32)
         cond = self._conditioning(prompts, negative, cfg, time_ids)
-        denoise = Denoiser(self._model_fn(cond, guidance, cfg), self.scheduler)
+        denoise = Denoiser(self._model_fn(cond, guidance, cfg, cache), self.scheduler)
         noise = self._initial_latents(latents, len(prompts), width, height, seed)
         z = samplers.run(sampler, denoise, noise, self.scheduler, steps, karras=karras, eta=eta,
                          generator=torch.Generator().manual_seed(seed), callback=callback, progress=progress)
         if output_type == "latent":
             return z
-        upcast = self.dtype == torch.float16 and getattr(self.vae.cfg, "force_upcast", False)
-        images = safe_decode(self.vae, z.to(self.dtype), upcast=upcast)
+        images = self.decode(z)
         return images if output_type == "pt" else to_pil(images)

@@ -82,9 +82,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     return out.transpose(1, 2).reshape(b, lq, inner).to(dtype)
 
 
+def fuse_linears(*linears: nn.Linear) -> nn.Linear:
+    """One Linear whose output is the concatenation of the given Linears' outputs (same input)."""
+    w = torch.cat([m.weight for m in linears])  # [sum(out), in]
+    bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+    with torch.device("meta"):
+        fused = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    fused.weight = nn.Parameter(w, requires_grad=linears[0].weight.requires_grad)
+    if bias is not None:
+        fused.bias = nn.Parameter(bias, requires_grad=linears[0].bias.requires_grad)
+    return fused
+
+
 class Attention(nn.Module):
     """Transformer attention: bias-free q/k/v, biased output projection (`to_out.0`, as diffusers
-    keeps a dropout at `to_out.1`). Self-attention when `context` is None."""
+    keeps a dropout at `to_out.1`). Self-attention when `context` is None.
+
+    `fuse_projections` trades the three projections for one matmul (`to_qkv`, self-attention) or two
+    (`to_q` + `to_kv`, cross-attention), as diffusers' `fuse_qkv_projections` does. It runs after
+    the checkpoint is loaded: a fused module's state_dict has `to_qkv` / `to_kv` keys instead."""
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, upcast: bool = False):
         super().__init__()
@@ -93,11 +109,33 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim, query_dim, bias=False)
         self.to_v = nn.Linear(context_dim, query_dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim)])
+        self.to_qkv = self.to_kv = None  # set by fuse_projections
+
+    @torch.no_grad()
+    def fuse_projections(self, self_attention: bool) -> None:
+        """Concatenate q, k, v (`self_attention`: this module never sees a context) or k, v (cross)."""
+        if self.to_qkv is not None or self.to_kv is not None:
+            return
+        if self_attention:
+            self.to_qkv = fuse_linears(self.to_q, self.to_k, self.to_v)
+            self.to_q = None
+        else:
+            self.to_kv = fuse_linears(self.to_k, self.to_v)
+        self.to_k = self.to_v = None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
-        return self.to_out[0](out)
+        if self.to_qkv is not None:
+            if context is not None:
+                raise RuntimeError("a self-attention fused with fuse_projections(True) was given a context")
+            q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # [B, L, inner] views of [B, L, 3 * inner]
+        else:
+            context = x if context is None else context
+            q = self.to_q(x)
+            if self.to_kv is not None:
+                k, v = self.to_kv(context).chunk(2, dim=-1)
+            else:
+                k, v = self.to_k(context), self.to_v(context)
+        return self.to_out[0](attention(q, k, v, self.heads, self.upcast))
 
 
 class VAEAttention(nn.Module):
@@ -114,7 +152,7 @@ class VAEAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+        t = self.group_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # [B, HW, C]; free when channels-last
         out = attention(self.to_q(t), self.to_k(t), self.to_v(t), heads=1)
-        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
-        return x + out
+        out = self.to_out[0](out).reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W], channels-last strides
+        return x + out  # x first: the sum keeps x's memory format

@@ -1,0 +1,100 @@
+"""Speed options that keep the numbers: channels-last layout, fused attention projections, a tiny decoder.
+
+- channels_last: convolution weights and activations in NHWC order (PyTorch's "channels last memory
+  format" tutorial); oneDNN and cuDNN run convolutions faster that way. Same maths, same outputs
+  to fp32 rounding.
+- fuse_qkv: one matmul for the q/k/v projections of self-attention and one for k/v of cross-
+  attention (diffusers' `fuse_qkv_projections`). Done after loading, so a fused UNet's state_dict
+  has `to_qkv` / `to_kv` keys instead of `to_q` / `to_k` / `to_v`; save weights before fusing.
+- decoder="tiny": decode with TAESD (Ollin Boer Bohan, github.com/madebyollin/taesd), a ~1M
+  parameter decoder trained to mimic the SD VAE; a cheap approximation, not the same image.
+  `preview_callback` uses it to show every sampler step.
+
+Everything here is a runtime choice of loading / generation (`fewstep.load(..., channels_last=True)`),
+never part of a model config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import FewstepError
+from .pipeline import Pipeline, to_pil
+
+# Tiny decoders on the hub by latent space: SD 1.x and 2.x share one VAE, SDXL has its own.
+TINY_DECODERS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
+TINY_FILES = ["config.json", "diffusion_pytorch_model.safetensors"]  # the diffusers AutoencoderTiny layout
+SD_SCALING_FACTORS = (0.18215, 0.13025)  # the SD 1.x/2.x and SDXL VAEs: the latent spaces TAESD knows
+
+
+def optimize(pipe: Pipeline, *, channels_last: bool = False, fuse_qkv: bool = False,
+             decoder: str | Path | None = None) -> Pipeline:
+    """Apply speed options to `pipe` in place and return it. False / None leave a choice as it is.
+
+    channels_last: UNet and autoencoder weights (and the latents passed to them) in channels-last
+    layout. fuse_qkv: fused attention projections in the UNet (see module doc: changes its
+    state_dict). decoder: "tiny" for the family's TAESD from the hub (or the Hugging Face cache),
+    a path to a TAESD / AutoencoderTiny folder (or any autoencoder folder), the hub id of an
+    AutoencoderTiny, or "full" to decode with the pipeline's own VAE again."""
+    if decoder is not None:
+        pipe.decoder = load_decoder(pipe, decoder)
+    if fuse_qkv:
+        fuse_attention(pipe.unet)
+    pipe.channels_last = pipe.channels_last or channels_last
+    if pipe.channels_last:  # also when only a new decoder came in
+        for m in (pipe.unet, pipe.vae, pipe.decoder):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    return pipe
+
+
+def fuse_attention(unet: nn.Module) -> nn.Module:
+    """Fuse every transformer block's projections: q/k/v of attn1 (k/v when it attends to the text
+    instead, SDXS-style `only_cross`), k/v of attn2."""
+    from .models.unet import BasicTransformerBlock
+    for block in unet.modules():
+        if isinstance(block, BasicTransformerBlock):
+            block.attn1.fuse_projections(self_attention=not block.only_cross)
+            block.attn2.fuse_projections(self_attention=False)
+    return unet
+
+
+def load_decoder(pipe: Pipeline, decoder: str | Path) -> nn.Module | None:
+    """The module `pipe` should decode with for `decoder` ("full" -> None: its own VAE), on the
+    pipeline's device, in the dtype its VAE would have (see `pipeline.vae_dtype`)."""
+    from .loading import HUB_ID, _download, load_autoencoder
+    from .pipeline import vae_dtype
+    if decoder == "full":
+        return None
+    if decoder == "tiny":
+        scale = getattr(pipe.vae.cfg, "scaling_factor", None)
+        if scale not in SD_SCALING_FACTORS:
+            raise FewstepError(f"decoder='tiny' is TAESD, for SD 1.x/2.x/XL latents; this VAE (scaling_factor={scale}) "
+                               "has another latent space: pass decoder=<path to a tiny decoder trained for it>")
+    source = TINY_DECODERS["sdxl" if pipe.sdxl else "sd"] if decoder == "tiny" else str(decoder)
+    path = Path(source).expanduser()
+    if not path.exists():
+        if not HUB_ID.match(source):
+            raise FewstepError(f"decoder={source!r}: expected 'tiny', 'full', a TAESD folder or a hub id")
+        try:
+            path = _download(source, None, TINY_FILES)
+        except FewstepError:
+            raise FewstepError(f"decoder={str(decoder)!r} needs {source}, which is not in the Hugging Face cache and "
+                               "could not be downloaded (offline?): pass decoder=<path to a TAESD folder>") from None
+    ae = load_autoencoder(path, device=pipe.device)  # fp32 first: the dtype rule reads its config
+    return ae.to(vae_dtype(ae.cfg, pipe.dtype))
+
+
+def preview_callback(ae: nn.Module, on_image: Callable) -> Callable:
+    """A sampler callback that decodes each step's x0 estimate with `ae` (TAESD: cheap) and calls
+    `on_image(i, image)` with one PIL image, the batch side by side. Use as `pipe(..., callback=...)`."""
+    def callback(i: int, x: torch.Tensor, denoised: torch.Tensor, sigma) -> None:
+        p = next(ae.parameters())
+        with torch.no_grad():
+            images = ae.decode(denoised.to(p.device, p.dtype))  # [N, 3, H, W]
+        on_image(i, to_pil(torch.cat(list(images), dim=-1)[None])[0])  # [1, 3, H, N * W]
+    return callback
