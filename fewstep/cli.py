@@ -160,6 +160,49 @@ def cmd_eval(a: argparse.Namespace) -> None:
         print(path)
 
 
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="a diffusers folder or hub id "
+                   "(default: the built-in model; or use --random-weights)")
+    p.add_argument("--random-weights", default=None, metavar="ARCH", help="a real architecture with random "
+                   "weights, from ../shared/data/configs/ARCH (sd-turbo, sd15, sd21-base, sdxl-base, sdxl-turbo)")
+    p.add_argument("--work-dir", default=None, help="where random-weight folders are kept "
+                   "(default: ~/.cache/fewstep/random)")
+    p.add_argument("--resolution", type=int, default=None, help="image side (default: the model's)")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--guidance", type=float, default=0.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--fuse-qkv", action="store_true")
+    p.add_argument("--decoder", default="full", help="full, tiny (TAESD from the hub) or a TAESD folder")
+    p.add_argument("--compile", action="store_true", help="also reports cold and warm compile time")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    p.add_argument("--cache", default=None, metavar="INTERVAL[,BRANCH]", help="DeepCache")
+    p.add_argument("--quantize", default=None, choices=["int8-weight", "int8-dynamic", "fp8"])
+    p.add_argument("--runs", type=int, default=3, help="timed images per process")
+    p.add_argument("--warmup", type=int, default=1, help="untimed images first, per process")
+    p.add_argument("--rounds", type=int, default=1, help="processes per library, alternating with diffusers")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial latents")
+    p.add_argument("--compare", default=None, choices=["diffusers", "diffusers-default"],
+                   help="diffusers with the same settings, or with its defaults (fp32, full VAE)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the report as JSON")
+
+
+def cmd_bench(a: argparse.Namespace) -> None:
+    from .bench import Options, Settings, parse_cache, run_bench
+    from .bench_report import table
+    options = Options(a.model, a.random_weights, a.work_dir, a.compare, a.runs, a.warmup, a.rounds, a.threads, a.seed)
+    settings = Settings(a.resolution, a.steps, a.batch, a.guidance, a.device, a.dtype, a.channels_last, a.fuse_qkv,
+                        a.decoder, a.compile, a.compile_mode, parse_cache(a.cache), a.quantize)
+    report = run_bench(settings, options, log=lambda m: print(m, file=sys.stderr, flush=True))
+    sys.stdout.write(table(report))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(report.to_json(), encoding="utf-8")
+
+
 def _one_line_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {message}", file=sys.stderr)
@@ -172,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
     _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
     _eval_args(sub.add_parser("eval", help="accuracy, tiny-CLIP score, Fréchet distance and speed of a shapes model"))
+    _bench_args(sub.add_parser("bench", help="load, encode, step, decode and end-to-end time, memory; vs diffusers"))
     from .train.cli import add_train_parser, cmd_train
     add_train_parser(sub)
     a = parser.parse_args(argv)
     _one_line_warnings()
     try:
-        {"generate": cmd_generate, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval}[a.command](a)
+        {"generate": cmd_generate, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval,
+         "bench": cmd_bench}[a.command](a)
     except FewstepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,89 @@
+"""DeepCache on a multi-step model: speed-up and shapes accuracy at 25 steps over cache intervals.
+
+For each interval of --intervals (1 = no cache, the baseline) the fixed, seeded shapes eval set (--n
+prompts, `fewstep.shapes.caption.sample_prompts`) is generated at --steps with
+`fewstep.deepcache.DeepCache(interval, --branch)` and read back by the shapes evaluator
+(`fewstep.evaluation.evaluate`): images/s, speed-up over the baseline, one- and two-object accuracy,
+and the PSNR of the whole set against the uncached images of the same seeds. The model defaults to
+the shipped teacher (fewstep/assets/shapes-teacher), a 25-step DDPM-trained shapes model. Prints
+Markdown for docs/BENCHMARKS.md.
+
+    python bench/deepcache.py [--model PATH] [--steps 25] [--intervals 1,2,3,4,5] [--branch 0] [--n 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a multi-step model folder (default: the shipped shapes teacher)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--intervals", default="1,2,3,4,5", help="comma-separated; 1 means no cache")
+    ap.add_argument("--branch", type=int, default=0, help="DeepCache skip branch (0 caches the most)")
+    ap.add_argument("--n", type=int, default=200, help="prompts of the seeded eval set")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args()
+
+    import torch
+
+    import fewstep
+    from fewstep.loading import ASSETS
+    model = Path(a.model) if a.model else ASSETS / "shapes-teacher"
+    if not (model / "model_index.json").is_file():
+        raise SystemExit(f"no model at {model}: pass --model (a multi-step model folder, e.g. RUN/shapes-teacher)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    pipe = fewstep.load(model)
+    rows = measure(pipe, a)
+    print_markdown(pipe, model, rows, a)
+
+
+def measure(pipe, a: argparse.Namespace) -> list[tuple]:
+    """(interval, EvalResult, PSNR vs the uncached images) per interval; interval 1 (no cache) runs first."""
+    import numpy as np
+
+    from fewstep.bench import psnr
+    from fewstep.deepcache import DeepCache
+    from fewstep.evaluation import evaluate
+    from fewstep.shapes.caption import sample_prompts
+    prompts = sample_prompts(a.seed, a.n)
+    evaluate(pipe, prompts[:min(a.batch, a.n)], a.steps, a.seed, batch=a.batch)  # warm-up
+    rows, base = [], None
+    for interval in sorted({int(i) for i in a.intervals.split(",")} | {1}):
+        cache = None if interval == 1 else DeepCache(interval, a.branch)
+        print(f"interval {interval} ...", file=sys.stderr, flush=True)
+        r, images = evaluate(pipe, prompts, a.steps, a.seed, batch=a.batch, cache=cache)
+        base = images if base is None else base
+        rows.append((interval, r, psnr(np.asarray(images), np.asarray(base))))
+    return rows
+
+
+def print_markdown(pipe, model: Path, rows: list[tuple], a: argparse.Namespace) -> None:
+    import torch
+
+    from fewstep.bench_report import environment
+    env = environment("cpu" if pipe.device.type == "cpu" else str(pipe.device), torch.get_num_threads())
+    print(f"- Date: {env['date']}. Commit: {env['commit']}. Device: {env['device']}, {env['threads']} torch "
+          f"threads, torch {env['torch']}.")
+    print(f"- Command: `python bench/deepcache.py {shlex.join(sys.argv[1:])}`")
+    print(f"- Model: {model.name}, {a.steps} steps, guidance {pipe.defaults.guidance:g}, {a.n} prompts "
+          f"(seed {a.seed}), batch {a.batch}, DeepCache branch {a.branch}; interval 1 is the plain UNet.\n")
+    print("| interval | images/s | speed-up | one-object | two-object | all | PSNR vs no cache dB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    base_ips = rows[0][1].images_per_second
+    for interval, r, db in rows:
+        both = (r.one * r.n_one + r.two * r.n_two) / max(r.n_one + r.n_two, 1)
+        print(f"| {interval} | {r.images_per_second:.2f} | {r.images_per_second / base_ips:.2f}x | {r.one:.1%} "
+              f"| {r.two:.1%} | {both:.1%} | {'identical' if db == float('inf') else f'{db:.1f}'} |")
+
+
+if __name__ == "__main__":
+    main()
