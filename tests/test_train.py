@@ -50,7 +50,7 @@ def test_every_stage_writes_its_outputs(run):
         assert all(math.isfinite(v) for r in rows for v in r.values()), stage
         assert (out / "logs" / f"{stage}.png").stat().st_size > 1000, stage
         assert (out / "checkpoints" / stage / "model.safetensors").is_file(), stage
-    assert json.loads((out / "shapes-turbo" / "fewstep.json").read_text()) == {"steps": 1, "guidance": 0.0}
+    assert json.loads((out / "shapes-turbo" / "fewstep.json").read_text()) == {"steps": 4, "guidance": 0.0}
     assert json.loads((out / "shapes-turbo" / "scheduler" / "scheduler_config.json").read_text())[
         "timestep_spacing"] == "trailing"
     weights = load_file(out / "shapes-turbo" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -104,7 +104,7 @@ def test_export_matches_diffusers(run, name, steps, guidance):
     assert b.std() > 5, "reference image is flat: the test could not tell pipelines apart"
     diff = np.abs(a - b)
     assert diff.mean() <= 1.0 and diff.max() <= 4, (diff.mean(), diff.max())
-    assert pipe.defaults.steps == (1 if name == "shapes-turbo" else 25)
+    assert pipe.defaults.steps == (4 if name == "shapes-turbo" else 25)
 
 
 def test_resume_replays_the_straight_run(run, tmp_path):
