@@ -18,6 +18,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: convs this small run faster on one thread, and
+    the suite shares the machine. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """The tiny SD 1.x and SDXL pipeline folders of tests/tiny.py, built once for the session."""
+    from tiny import make_pipeline
+    root = tmp_path_factory.mktemp("tiny-folders")
+    return {f: make_pipeline(f, root)[0] for f in ("sd1", "sdxl")}
+
+
 def randomize_norms(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     """Random affine params on every norm, so a skipped or misnamed norm changes the output."""
     g = torch.Generator().manual_seed(seed)

@@ -27,12 +27,6 @@ PROMPT = "a red circle on the left"
 GEN = dict(steps=2, guidance=5.0, width=64, height=64, seed=3, progress=False, output_type="pt")
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    from tiny import make_pipeline
-    root = tmp_path_factory.mktemp("accel")
-    return {f: make_pipeline(f, root)[0] for f in ("sd1", "sdxl")}
-
 
 @pytest.fixture(scope="module")
 def taesd_dirs(tmp_path_factory):
@@ -54,9 +48,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_channels_last_same_images(folders, family):
-    ref = fewstep.load(folders[family])(PROMPT, **GEN)
-    pipe = fewstep.load(folders[family], channels_last=True)
+def test_channels_last_same_images(tiny_folders, family):
+    ref = fewstep.load(tiny_folders[family])(PROMPT, **GEN)
+    pipe = fewstep.load(tiny_folders[family], channels_last=True)
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert pipe.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     out = pipe(PROMPT, **GEN)
@@ -65,9 +59,9 @@ def test_channels_last_same_images(folders, family):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_fused_projections_same_images(folders, family):
-    ref = fewstep.load(folders[family])
-    pipe = fewstep.load(folders[family], fuse_qkv=True)
+def test_fused_projections_same_images(tiny_folders, family):
+    ref = fewstep.load(tiny_folders[family])
+    pipe = fewstep.load(tiny_folders[family], fuse_qkv=True)
     keys = pipe.unet.state_dict().keys()
     n_blocks = sum(k.endswith("attn1.to_qkv.weight") for k in keys)
     assert n_blocks > 0 and n_blocks == sum(k.endswith("attn2.to_kv.weight") for k in keys)
@@ -110,9 +104,9 @@ def test_fuse_only_cross_block():
 
 
 @pytest.mark.parametrize("layout", ["taesd", "taesd-diffusers"])
-def test_tiny_decoder_from_folder(folders, taesd_dirs, layout):
-    full = fewstep.load(folders["sd1"])
-    pipe = fewstep.load(folders["sd1"], decoder=taesd_dirs[layout], channels_last=True)
+def test_tiny_decoder_from_folder(tiny_folders, taesd_dirs, layout):
+    full = fewstep.load(tiny_folders["sd1"])
+    pipe = fewstep.load(tiny_folders["sd1"], decoder=taesd_dirs[layout], channels_last=True)
     tae = load_taesd(TAESD / "taesd_encoder.safetensors", TAESD / "taesd_decoder.safetensors")
     z = pipe(PROMPT, **{**GEN, "output_type": "latent"})
     with torch.no_grad():
@@ -126,27 +120,27 @@ def test_tiny_decoder_from_folder(folders, taesd_dirs, layout):
 
 @pytest.mark.parametrize("family,repo,prefix", [("sd1", "madebyollin/taesd", "taesd"),
                                                 ("sdxl", "madebyollin/taesdxl", "taesdxl")])
-def test_tiny_decoder_from_hub(folders, taesd_dirs, monkeypatch, family, repo, prefix):
+def test_tiny_decoder_from_hub(tiny_folders, taesd_dirs, monkeypatch, family, repo, prefix):
     import fewstep.loading
     asked = []
     monkeypatch.setattr(fewstep.loading, "_download",
                         lambda r, v, patterns: asked.append((r, patterns)) or taesd_dirs[prefix + "-diffusers"])
-    pipe = fewstep.load(folders[family], decoder="tiny")
+    pipe = fewstep.load(tiny_folders[family], decoder="tiny")
     assert asked == [(repo, ["config.json", "diffusion_pytorch_model.safetensors"])]
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         want = load_taesd(decoder_path=TAESD / f"{prefix}_decoder.safetensors").decode(z)
     assert rel(pipe.decode(z), want) <= 1e-5
-    half = fewstep.load(folders[family], decoder="tiny", dtype=torch.bfloat16)
+    half = fewstep.load(tiny_folders[family], decoder="tiny", dtype=torch.bfloat16)
     assert {p.dtype for p in half.decoder.parameters()} == {torch.bfloat16}
     assert (half.decode(z).float() - want).abs().mean() <= 0.05
 
 
-def test_tiny_decoder_offline_and_bad_values(folders, monkeypatch, tmp_path):
+def test_tiny_decoder_offline_and_bad_values(tiny_folders, monkeypatch, tmp_path):
     import huggingface_hub.constants as c
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    pipe = fewstep.load(folders["sd1"])
+    pipe = fewstep.load(tiny_folders["sd1"])
     for decoder, match in (("tiny", "needs madebyollin/taesd, which is not in the Hugging Face cache.*pass decoder="),
                            ("nobody/no-tae", "needs nobody/no-tae"), ("tiniest", "expected 'tiny', 'full'")):
         with pytest.raises(FewstepError, match=match) as e:
@@ -157,8 +151,8 @@ def test_tiny_decoder_offline_and_bad_values(folders, monkeypatch, tmp_path):
         optimize(pipe, decoder="tiny")
 
 
-def test_preview_callback_shows_every_step(folders, taesd_dirs):
-    pipe = fewstep.load(folders["sd1"])
+def test_preview_callback_shows_every_step(tiny_folders, taesd_dirs):
+    pipe = fewstep.load(tiny_folders["sd1"])
     tae = fewstep.load_autoencoder(taesd_dirs["taesd"])
     seen = []
     kw = {**GEN, "steps": 3, "num_images": 2, "output_type": "latent", "sampler": "euler"}
@@ -172,9 +166,9 @@ def test_preview_callback_shows_every_step(folders, taesd_dirs):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_bf16_close_to_fp32(folders, taesd_dirs, family):
-    ref = fewstep.load(folders[family])
-    pipe = fewstep.load(folders[family], dtype=torch.bfloat16)
+def test_bf16_close_to_fp32(tiny_folders, taesd_dirs, family):
+    ref = fewstep.load(tiny_folders[family])
+    pipe = fewstep.load(tiny_folders[family], dtype=torch.bfloat16)
     for m in (pipe.unet, pipe.vae, *pipe.text_encoders):  # bf16 has fp32's range: no VAE upcast (as diffusers)
         assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     out, want = pipe(PROMPT, **GEN), ref(PROMPT, **GEN)
@@ -185,33 +179,33 @@ def test_bf16_close_to_fp32(folders, taesd_dirs, family):
     assert (pipe(PROMPT, **GEN).float() - ref(PROMPT, **GEN)).abs().mean() <= 0.05
 
 
-def test_fp16_keeps_upcast_vae_in_fp32_once(folders, monkeypatch, tmp_path):
+def test_fp16_keeps_upcast_vae_in_fp32_once(tiny_folders, monkeypatch, tmp_path):
     import fewstep.pipeline
-    pipe = fewstep.load(folders["sd1"], dtype=torch.float16)
+    pipe = fewstep.load(tiny_folders["sd1"], dtype=torch.float16)
     assert pipe.unet.conv_in.weight.dtype == torch.float16 and pipe.vae.cfg.force_upcast
     assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
     monkeypatch.setattr(fewstep.pipeline, "_decode_as", None)  # no per-call conversion on the normal path
     out = pipe(PROMPT, **GEN)
-    assert out.dtype == torch.float32 and (out - fewstep.load(folders["sd1"])(PROMPT, **GEN)).abs().mean() <= 0.05
+    assert out.dtype == torch.float32 and (out - fewstep.load(tiny_folders["sd1"])(PROMPT, **GEN)).abs().mean() <= 0.05
     folder = tmp_path / "fp16-fix"
-    shutil.copytree(folders["sd1"], folder)
+    shutil.copytree(tiny_folders["sd1"], folder)
     cfg = folder / "vae" / "config.json"
     cfg.write_text(cfg.read_text().replace('"force_upcast": true', '"force_upcast": false'))
     vae = fewstep.load(folder, dtype=torch.float16).vae
     assert not vae.cfg.force_upcast and {p.dtype for p in vae.parameters()} == {torch.float16}
 
 
-def test_fp16_single_file_keeps_vae_in_fp32(folders, tmp_path):
+def test_fp16_single_file_keeps_vae_in_fp32(tiny_folders, tmp_path):
     from ldm import save_original
     path = tmp_path / "sd1.safetensors"
-    save_original(folders["sd1"], path, "sd1")
-    pipe = fewstep.load(path, config=folders["sd1"], dtype=torch.float16)
+    save_original(tiny_folders["sd1"], path, "sd1")
+    pipe = fewstep.load(path, config=tiny_folders["sd1"], dtype=torch.float16)
     assert pipe.unet.conv_in.weight.dtype == torch.float16 and pipe.vae.decoder.conv_in.weight.dtype == torch.float32
 
 
-def test_nan_in_fp32_decode_is_an_error(folders):
+def test_nan_in_fp32_decode_is_an_error(tiny_folders):
     from fewstep.pipeline import safe_decode
-    ae = fewstep.load_autoencoder(folders["sd1"])
+    ae = fewstep.load_autoencoder(tiny_folders["sd1"])
     with torch.no_grad():
         ae.post_quant_conv.bias.fill_(float("nan"))
     with pytest.raises(FewstepError, match="NaN/inf in fp32"):
@@ -234,8 +228,8 @@ class CountingCache:
 
 
 @pytest.mark.parametrize("sampler,steps,evals", [("euler", 3, 3), ("heun", 3, 5)])
-def test_cache_hook_sees_every_model_evaluation(folders, sampler, steps, evals):
-    pipe = fewstep.load(folders["sd1"])
+def test_cache_hook_sees_every_model_evaluation(tiny_folders, sampler, steps, evals):
+    pipe = fewstep.load(tiny_folders["sd1"])
     cache = CountingCache()
     kw = {**GEN, "sampler": sampler, "steps": steps}
     out = pipe(PROMPT, cache=cache, **kw)

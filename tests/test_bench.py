@@ -22,17 +22,11 @@ pytestmark = requires_shared
 SIZE = 64
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tiny import make_pipeline
-    root = tmp_path_factory.mktemp("bench")
-    return {f: make_pipeline(f, root)[0] for f in ("sd1", "sdxl")}
-
 
 @pytest.fixture(scope="module")
-def compared(tiny):
+def compared(tiny_folders):
     """fewstep vs diffusers on the tiny SD 1.x pipeline: 2 timed runs each after 1 warm-up."""
-    options = Options(model=str(tiny["sd1"]), compare="diffusers", runs=2, warmup=1, threads=1)
+    options = Options(model=str(tiny_folders["sd1"]), compare="diffusers", runs=2, warmup=1, threads=1)
     return run_bench(Settings(resolution=SIZE), options)
 
 
@@ -69,10 +63,10 @@ def test_report_json(compared):
     assert set(d["ratios"]) >= {"e2e_s", "images_per_s", "peak_memory_mb"}
 
 
-def test_cli_table_json_batch_and_tiny_decoder(tiny, tmp_path, capsys):
+def test_cli_table_json_batch_and_tiny_decoder(tiny_folders, tmp_path, capsys):
     """Batch 2 with the real TAESD decoder: images/s = 2 / e2e, and a PSNR against the fp32 full-VAE image."""
     out = tmp_path / "r.json"
-    rc = main(["bench", str(tiny["sd1"]), "--resolution", str(SIZE), "--batch", "2", "--runs", "1", "--warmup", "0",
+    rc = main(["bench", str(tiny_folders["sd1"]), "--resolution", str(SIZE), "--batch", "2", "--runs", "1", "--warmup", "0",
                "--threads", "1", "--decoder", str(SHARED / "taesd"), "--json", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -129,18 +123,18 @@ def test_notes_say_what_diffusers_does_not_do():
     (["M", "--compile-mode", "max-autotune"], "--compile-mode needs --compile"),
     (["M", "--runs", "0"], "--runs 0 must be at least 1"),
 ])
-def test_bad_input_is_one_line(tiny, args, match, capsys):
-    assert main(["bench", *[str(tiny["sd1"]) if a == "M" else a for a in args]]) == 2
+def test_bad_input_is_one_line(tiny_folders, args, match, capsys):
+    assert main(["bench", *[str(tiny_folders["sd1"]) if a == "M" else a for a in args]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     assert re.search(match, err[0]), err[0]
 
 
 @pytest.fixture(scope="module")
-def tiny_configs(tiny, tmp_path_factory):
+def tiny_configs(tiny_folders, tmp_path_factory):
     """A configs root like ../shared/data/configs: the tiny pipelines without their weights."""
     root = tmp_path_factory.mktemp("configs")
-    for name, folder in tiny.items():
+    for name, folder in tiny_folders.items():
         shutil.copytree(folder, root / f"tiny-{name}", ignore=shutil.ignore_patterns("*.safetensors"))
     return root
 

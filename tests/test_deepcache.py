@@ -26,13 +26,7 @@ CONFIGS = {
 BRANCHES = {"sd": 9, "sdxs-xl": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Convs this small run faster on one thread, and the suite shares the machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(name: str):

@@ -16,12 +16,7 @@ from test_deepcache import inputs, make
 TOLERANCE = {"int8-weight": 0.01, "int8-dynamic": 0.02}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
