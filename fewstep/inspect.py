@@ -268,8 +268,9 @@ def measure(model: nn.Module, run: Callable[[], object], blocks: str, itemsize: 
     for name, m in inside.items():
         handles.append(m.register_forward_pre_hook(lambda *a, n=name: pre(n, *a), with_kwargs=True))
         handles.append(m.register_forward_hook(lambda *a, n=name: post(n, *a), with_kwargs=True))
-    try:
-        with torch.no_grad(), shape_only():
+    from .models.layers import unfolded
+    try:  # the model's math (published counts), not the folded upsampling convs fewstep runs
+        with torch.no_grad(), shape_only(), unfolded():
             run()
     finally:
         for h in handles:

@@ -56,12 +56,21 @@ def vae_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and getattr(cfg, "force_upcast", False) else dtype
 
 
+def memory_format(m: torch.nn.Module) -> torch.memory_format:
+    """The layout `m`'s convolutions hold their weights in (see `accel.optimize`): inputs are
+    handed over in it, so the first conv does not convert."""
+    w = next((c.weight for c in m.modules() if isinstance(c, torch.nn.Conv2d)), None)
+    if w is not None and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def safe_decode(ae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Decode latents in the autoencoder's own dtype; if a half-precision one overflows (NaN/inf),
     warn and decode again in fp32 (a rare, per-call conversion; see `vae_dtype` for the usual case)."""
     p = next(ae.parameters())
     dtype = p.dtype
-    x = ae.decode(z.to(p.device, dtype))
+    x = ae.decode(z.to(p.device, dtype, memory_format=memory_format(ae)))
     if not torch.isfinite(x).all():
         if dtype == torch.float32:
             raise FewstepError("the VAE produced NaN/inf in fp32: the latents are broken (check the model and inputs)")
@@ -89,8 +98,9 @@ class Pipeline:
     """A loaded text-to-image model. Call it with a prompt; see `__call__`.
 
     `decoder` (e.g. TAESD, set by `fewstep.accel.optimize`) decodes instead of `vae` when set; `vae`
-    stays for encoding and for switching back. `channels_last` hands the UNet and the decoder their
-    inputs in channels-last layout (their weights are converted by `optimize` too)."""
+    stays for encoding and for switching back. `channels_last` hands the UNet its inputs in
+    channels-last layout (its weights are converted by `optimize` too); autoencoders get theirs in
+    the layout of their own weights (`memory_format`)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -179,7 +189,7 @@ class Pipeline:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (diffusion space) -> images [N, 3, H, W] in [-1, 1], with `decoder` if set, else `vae`."""
         ae = self.vae if self.decoder is None else self.decoder
-        return safe_decode(ae, z.to(memory_format=self.memory_format)).contiguous()
+        return safe_decode(ae, z).contiguous()
 
     def _initial_latents(self, latents, n: int, width: int, height: int, seed: int) -> torch.Tensor:
         shape = (n, self.unet.cfg.out_channels, height // self.vae_scale, width // self.vae_scale)

@@ -88,7 +88,9 @@ def test_sdxs_keeps_self_attention():
 # ---- FLOPs against FlopCounterMode ----------------------------------------------------------------------
 
 def counted(run) -> int:
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    """FLOPs of the model's math: upsampling convs unfolded, as inspect reports them."""
+    from fewstep.models.layers import unfolded
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), unfolded():
         run()
     return fc.get_total_flops()
 

@@ -8,6 +8,8 @@ keys, so checkpoints load with `strict=True`. Attention is one call to
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,19 +53,102 @@ class Downsample2D(nn.Module):
         return self.conv(x)
 
 
+def fold_upsample_weight(w: torch.Tensor) -> torch.Tensor:
+    """The 3x3 kernel `w` [O, I, 3, 3] applied after a nearest x2 upsample, as four 2x2 kernels on
+    the small image, one per output phase (row parity, column parity): [4 * O, I, 2, 2].
+
+    An output pixel at row 2i reads upsampled rows 2i-1, 2i, 2i+1, which are small rows i-1, i, i:
+    the kernel's rows collapse to (w0, w1 + w2) over small rows (i-1, i); at row 2i+1 they are
+    i, i, i+1, so (w0 + w1, w2) over (i, i+1). Columns likewise. 16 taps per small pixel instead of
+    36: 2.25x fewer multiply-adds, and the 4x larger upsampled input is never built."""
+    w32 = w.float()
+    rows = (torch.stack([w32[:, :, 0], w32[:, :, 1] + w32[:, :, 2]], 2),  # even output rows
+            torch.stack([w32[:, :, 0] + w32[:, :, 1], w32[:, :, 2]], 2))  # odd output rows
+    phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1) if px == 0 else
+              torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1) for r in rows for px in (0, 1)]
+    return torch.cat(phases).to(w.dtype)  # [(py, px, O), I, 2, 2]
+
+
+def upsample_conv(x: torch.Tensor, w_folded: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`conv3x3(nearest_x2(x))` from the folded kernel of `fold_upsample_weight`: one 2x2 conv with
+    4x the output channels on the zero-padded small image, then each phase written to its pixels.
+    A channels-last input gives a channels-last output (the phase copies then move whole pixels)."""
+    b, _, h, w = x.shape
+    o = w_folded.shape[0] // 4
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), w_folded)  # [B, 4 * O, H + 1, W + 1]
+    # Even output rows read small rows (i-1, i): the 2x2 window at padded row i; odd rows read
+    # (i, i+1): window i + 1. Columns likewise.
+    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+        y = y.permute(0, 2, 3, 1).view(b, h + 1, w + 1, 2, 2, o)  # [B, H+1, W+1, py, px, O]
+        out = y.new_empty(b, h, 2, w, 2, o)  # [B, H, py, W, px, O]
+        for py in (0, 1):
+            for px in (0, 1):
+                out[:, :, py, :, px] = y[:, py:py + h, px:px + w, py, px]
+        out = out.view(b, 2 * h, 2 * w, o).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
+    else:
+        y = y.view(b, 2, 2, o, h + 1, w + 1)
+        out = y.new_empty(b, o, h, 2, w, 2)  # [B, O, H, py, W, px]
+        for py in (0, 1):
+            for px in (0, 1):
+                out[:, :, :, py, :, px] = y[:, py, px, :, py:py + h, px:px + w]
+        out = out.view(b, o, 2 * h, 2 * w)
+    return out if bias is None else out.add_(bias[:, None, None])
+
+
+FOLD_MIN_PIXELS = 32 * 32  # smallest input (H * W) that `nearest_up_conv` runs folded
+
+
+def folded_kernel(conv: nn.Conv2d) -> torch.Tensor:
+    """`fold_upsample_weight(conv.weight)`. Without autograd it is kept on the conv and rebuilt when
+    the weight changes (storage, in-place version, dtype, device); with autograd, or inside
+    torch.compile (which folds it once as a constant when freezing), it is computed in the graph."""
+    w = conv.weight
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return fold_upsample_weight(w)
+    version = -1 if w.is_inference() else w._version  # inference tensors keep no version counter
+    key = (w.data_ptr(), version, w.dtype, w.device)
+    cached = conv.__dict__.get("_folded")
+    if cached is None or cached[0] != key:
+        cached = conv.__dict__["_folded"] = (key, fold_upsample_weight(w))
+    return cached[1]
+
+
+@contextmanager
+def unfolded():
+    """Run every `nearest_up_conv` as written (upsample, then the 3x3 conv): the model's nominal math,
+    which `fewstep inspect` reports and FLOP counts compare with."""
+    global FOLD_MIN_PIXELS
+    saved, FOLD_MIN_PIXELS = FOLD_MIN_PIXELS, float("inf")
+    try:
+        yield
+    finally:
+        FOLD_MIN_PIXELS = saved
+
+
+def nearest_up_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """`conv(nearest(x, 2x or size))` for a 3x3, padding-1 conv. From FOLD_MIN_PIXELS up an exact
+    doubling runs as `upsample_conv` (2.25x fewer multiply-adds, equal up to float rounding; about
+    2x faster on CPU at the VAE decoder's sizes); smaller inputs and odd sizes run as written."""
+    h, w = x.shape[-2:]
+    if (size is None or tuple(size) == (2 * h, 2 * w)) and h * w >= FOLD_MIN_PIXELS:
+        return upsample_conv(x, folded_kernel(conv), conv.bias)
+    if size is None:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    else:
+        x = F.interpolate(x, size=size, mode="nearest")
+    return conv(x)
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv. `size` lets the UNet match an odd-sized skip tensor."""
+    """Nearest-neighbour x2 then a 3x3 conv (see `nearest_up_conv`). `size` lets the UNet match an
+    odd-sized skip tensor."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        if size is None:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        else:
-            x = F.interpolate(x, size=size, mode="nearest")
-        return self.conv(x)
+        return nearest_up_conv(x, self.conv, size)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upcast: bool = False) -> torch.Tensor:

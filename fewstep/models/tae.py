@@ -20,6 +20,7 @@ from torch import nn
 from ..configs import TAEConfig
 from ..errors import FewstepError
 from ..weights import build, read_state_dict
+from .layers import nearest_up_conv
 
 
 def conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
@@ -73,8 +74,16 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # soft clamp to (-3, 3): taesd.py's parameter-free Clamp() layer, outside `layers` as in diffusers
-        z = torch.tanh(z / 3) * 3
-        return self.layers(z).mul(2).sub(1)
+        x = torch.tanh(z / 3) * 3
+        layers = list(self.layers)
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.Upsample):
+                continue  # run with the conv after it, folded (layers.nearest_up_conv)
+            if i > 0 and isinstance(layers[i - 1], nn.Upsample):
+                x = nearest_up_conv(x, layer)
+            else:
+                x = layer(x)
+        return x.mul(2).sub(1)
 
 
 class TinyAutoencoder(nn.Module):
