@@ -47,13 +47,31 @@ def optimize(pipe: Pipeline, *, channels_last: bool = False, fuse_qkv: bool = Fa
     pipe.channels_last = pipe.channels_last or channels_last
     if pipe.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-    if pipe.channels_last or pipe.device.type == "cpu":  # also when only a new decoder came in
-        # On CPU the autoencoders always run channels-last: 13% faster for the SD VAE decoder at
-        # 512x512 and 30% for TAESD here (docs/BENCHMARKS.md), same results up to float rounding.
+    if pipe.device.type == "cpu":
+        # On CPU the autoencoder that decodes always runs channels-last: 13% faster for the SD VAE
+        # decoder at 512x512 and 30% for TAESD here (docs/BENCHMARKS.md), same results up to float
+        # rounding. A full VAE left beside a tiny decoder stays as loaded (untouched, memory-mapped).
+        _own_channels_last(pipe.vae if pipe.decoder is None else pipe.decoder)
+    elif pipe.channels_last:
         for m in (pipe.vae, pipe.decoder):
             if m is not None:
                 m.to(memory_format=torch.channels_last)
     return pipe
+
+
+@torch.no_grad()
+def _own_channels_last(m: nn.Module) -> None:
+    """Every parameter and buffer of `m` copied into memory of its own, 4-D ones channels-last.
+
+    Weights load memory-mapped from their safetensors file (`weights.read_state_dict`); converting
+    only the conv weights (`Module.to(memory_format=...)`) would keep the file mapped for the rest,
+    with the converted tensors' pages still counted in the process's memory beside their copies.
+    Copying all of a (small) autoencoder lets the mapping go. Already converted: nothing to do."""
+    from .pipeline import memory_format
+    if memory_format(m) == torch.channels_last:
+        return
+    for t in [*m.parameters(), *m.buffers()]:
+        t.data = t.data.clone(memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format)
 
 
 def fuse_attention(unet: nn.Module) -> nn.Module:

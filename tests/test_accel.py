@@ -58,6 +58,27 @@ def test_channels_last_same_images(tiny_folders, family):
     assert rel(out, ref) <= 1e-5
 
 
+def owns_its_memory(t: torch.Tensor) -> bool:
+    """`t` is not a view into a larger (memory-mapped file) storage."""
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_cpu_autoencoder_is_channels_last_and_owns_its_memory(tiny_folders, taesd_dirs):
+    pipe = fewstep.load(tiny_folders["sd1"])  # channels_last not asked for: only the autoencoder
+    assert not pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    convs = [m.weight for m in pipe.vae.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    assert all(owns_its_memory(t) for t in [*pipe.vae.parameters(), *pipe.vae.buffers()])
+    tiny = fewstep.load(tiny_folders["sd1"], decoder=taesd_dirs["taesd"])
+    assert tiny.decoder.decoder.layers[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not tiny.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # left as loaded
+    assert rel(tiny(PROMPT, **GEN), pipe(PROMPT, **GEN)) > 0.05
+    optimize(tiny, decoder="full")  # switching back converts the full VAE then
+    assert tiny.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(owns_its_memory(p) for p in tiny.vae.parameters())
+    assert rel(tiny(PROMPT, **GEN), pipe(PROMPT, **GEN)) <= 1e-6
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_fused_projections_same_images(tiny_folders, family):
     ref = fewstep.load(tiny_folders[family])
