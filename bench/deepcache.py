@@ -1,14 +1,16 @@
-"""DeepCache on a multi-step model: speed-up and shapes accuracy at 25 steps over cache intervals.
+"""DeepCache and weight quantization on a multi-step model: speed-up and shapes accuracy at 25 steps.
 
 For each interval of --intervals (1 = no cache, the baseline) the fixed, seeded shapes eval set (--n
 prompts, `fewstep.shapes.caption.sample_prompts`) is generated at --steps with
 `fewstep.deepcache.DeepCache(interval, --branch)` and read back by the shapes evaluator
 (`fewstep.evaluation.evaluate`): images/s, speed-up over the baseline, one- and two-object accuracy,
 and the PSNR of the whole set against the uncached images of the same seeds. The model defaults to
-the shipped teacher (fewstep/assets/shapes-teacher), a 25-step DDPM-trained shapes model. Prints
-Markdown for docs/BENCHMARKS.md.
+the shipped teacher (fewstep/assets/shapes-teacher), a 25-step DDPM-trained shapes model. Each
+--quantize scheme (`fewstep.quantize`, torchao) adds a row: a fresh load, quantized, no cache,
+against the same uncached baseline. Prints Markdown for docs/BENCHMARKS.md.
 
     python bench/deepcache.py [--model PATH] [--steps 25] [--intervals 1,2,3,4,5] [--branch 0] [--n 200]
+                              [--quantize int8-weight,int8-dynamic]
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantize", default="", help="comma-separated fewstep.quantize schemes, one row each")
     a = ap.parse_args()
 
     import torch
@@ -42,12 +45,13 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     pipe = fewstep.load(model)
-    rows = measure(pipe, a)
+    rows = measure(pipe, a, model)
     print_markdown(pipe, model, rows, a)
 
 
-def measure(pipe, a: argparse.Namespace) -> list[tuple]:
-    """(interval, EvalResult, PSNR vs the uncached images) per interval; interval 1 (no cache) runs first."""
+def measure(pipe, a: argparse.Namespace, model: Path) -> list[tuple]:
+    """(label, EvalResult, PSNR vs the uncached images) per interval, interval 1 (no cache) first, then
+    per quantization scheme."""
     import numpy as np
 
     from fewstep.bench import psnr
@@ -62,7 +66,15 @@ def measure(pipe, a: argparse.Namespace) -> list[tuple]:
         print(f"interval {interval} ...", file=sys.stderr, flush=True)
         r, images = evaluate(pipe, prompts, a.steps, a.seed, batch=a.batch, cache=cache)
         base = images if base is None else base
-        rows.append((interval, r, psnr(np.asarray(images), np.asarray(base))))
+        rows.append((str(interval), r, psnr(np.asarray(images), np.asarray(base))))
+    for scheme in filter(None, a.quantize.split(",")):
+        import fewstep
+        from fewstep.quantize import quantize
+        print(f"quantize {scheme} ...", file=sys.stderr, flush=True)
+        q = quantize(fewstep.load(model), scheme)
+        evaluate(q, prompts[:min(a.batch, a.n)], a.steps, a.seed, batch=a.batch)  # warm-up
+        r, images = evaluate(q, prompts, a.steps, a.seed, batch=a.batch)
+        rows.append((f"1, {scheme}", r, psnr(np.asarray(images), np.asarray(base))))
     return rows
 
 
@@ -76,7 +88,7 @@ def print_markdown(pipe, model: Path, rows: list[tuple], a: argparse.Namespace) 
     print(f"- Command: `python bench/deepcache.py {shlex.join(sys.argv[1:])}`")
     print(f"- Model: {model.name}, {a.steps} steps, guidance {pipe.defaults.guidance:g}, {a.n} prompts "
           f"(seed {a.seed}), batch {a.batch}, DeepCache branch {a.branch}; interval 1 is the plain UNet.\n")
-    print("| interval | images/s | speed-up | one-object | two-object | all | PSNR vs no cache dB |")
+    print("| interval (, quantization) | images/s | speed-up | one-object | two-object | all | PSNR vs no cache dB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     base_ips = rows[0][1].images_per_second
     for interval, r, db in rows:

@@ -10,6 +10,7 @@ Markdown for docs/BENCHMARKS.md with device, date, commit and the commands.
 
     python bench/speed.py [--runs 3] [--arch sd-turbo] [--resolution 512] [--taesd ../shared/data/taesd]
                           [--fast "--dtype bf16 --channels-last --fuse-qkv"] [--rounds 1] [--device cpu]
+                          [--rows abc]
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ TAESD = ROOT.parent / "shared" / "data" / "taesd"
 def rows(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """(label, extra `fewstep bench` arguments) per table row."""
     fast = shlex.split(a.fast) + ["--decoder", str(a.taesd) if a.taesd else "tiny"]
-    return [("(a) fp32, full VAE", ["--compare", "diffusers"]),
-            ("(b) bf16 + channels_last", ["--dtype", "bf16", "--channels-last", "--compare", "diffusers"]),
-            ("(c) fewstep fastest vs diffusers default", [*fast, "--compare", "diffusers-default"])]
+    every = {"a": ("(a) fp32, full VAE", ["--compare", "diffusers"]),
+             "b": ("(b) bf16 + channels_last", ["--dtype", "bf16", "--channels-last", "--compare", "diffusers"]),
+             "c": ("(c) fewstep fastest vs diffusers default", [*fast, "--compare", "diffusers-default"])}
+    return [every[r] for r in a.rows]
 
 
 def bench(common: list[str], extra: list[str]) -> tuple[dict, str]:
@@ -87,7 +89,10 @@ def main() -> None:
     ap.add_argument("--fast", default="--dtype bf16 --channels-last --fuse-qkv",
                     help="fewstep bench options of row (c), besides --decoder")
     ap.add_argument("--work-dir", default=None, help="where the random-weight folder is kept")
+    ap.add_argument("--rows", default="abc", help="which rows to run, e.g. 'ac' (a CPU without bf16 units)")
     a = ap.parse_args()
+    if not a.rows or set(a.rows) - set("abc"):
+        ap.error(f"--rows {a.rows!r}: letters among a, b, c")
     common = ["--random-weights", a.arch, "--resolution", str(a.resolution), "--steps", "1", "--batch", "1",
               "--runs", str(a.runs), "--warmup", str(a.warmup), "--rounds", str(a.rounds), "--device", a.device]
     common += ["--work-dir", a.work_dir] if a.work_dir else []
