@@ -4,7 +4,8 @@ For each interval of --intervals (1 = no cache, the baseline) the fixed, seeded 
 prompts, `fewstep.shapes.caption.sample_prompts`) is generated at --steps with
 `fewstep.deepcache.DeepCache(interval, --branch)` and read back by the shapes evaluator
 (`fewstep.evaluation.evaluate`): images/s, speed-up over the baseline, one- and two-object accuracy,
-and the PSNR of the whole set against the uncached images of the same seeds. The model defaults to
+the tiny-CLIP Fréchet distance to renderer images (the shipped shapes-clip scorer, the same reference
+set as `fewstep eval`), and the PSNR of the whole set against the uncached images of the same seeds. The model defaults to
 the shipped teacher (fewstep/assets/shapes-teacher), a 25-step DDPM-trained shapes model. Each
 --quantize scheme (`fewstep.quantize`, torchao) adds a row: a fresh load, quantized, no cache,
 against the same uncached baseline. Prints Markdown for docs/BENCHMARKS.md.
@@ -56,15 +57,17 @@ def measure(pipe, a: argparse.Namespace, model: Path) -> list[tuple]:
 
     from fewstep.bench import psnr
     from fewstep.deepcache import DeepCache
-    from fewstep.evaluation import evaluate
+    from fewstep.evaluation import TinyCLIPScorer, evaluate
     from fewstep.shapes.caption import sample_prompts
+    from fewstep.shapes.render import batch
     prompts = sample_prompts(a.seed, a.n)
+    clip, reference = TinyCLIPScorer(), batch(a.seed + 1, a.n, drop=0.0)[0]  # as `fewstep eval` does
     evaluate(pipe, prompts[:min(a.batch, a.n)], a.steps, a.seed, batch=a.batch)  # warm-up
     rows, base = [], None
     for interval in sorted({int(i) for i in a.intervals.split(",")} | {1}):
         cache = None if interval == 1 else DeepCache(interval, a.branch)
         print(f"interval {interval} ...", file=sys.stderr, flush=True)
-        r, images = evaluate(pipe, prompts, a.steps, a.seed, batch=a.batch, cache=cache)
+        r, images = evaluate(pipe, prompts, a.steps, a.seed, clip, reference, batch=a.batch, cache=cache)
         base = images if base is None else base
         rows.append((str(interval), r, psnr(np.asarray(images), np.asarray(base))))
     for scheme in filter(None, a.quantize.split(",")):
@@ -73,7 +76,7 @@ def measure(pipe, a: argparse.Namespace, model: Path) -> list[tuple]:
         print(f"quantize {scheme} ...", file=sys.stderr, flush=True)
         q = quantize(fewstep.load(model), scheme)
         evaluate(q, prompts[:min(a.batch, a.n)], a.steps, a.seed, batch=a.batch)  # warm-up
-        r, images = evaluate(q, prompts, a.steps, a.seed, batch=a.batch)
+        r, images = evaluate(q, prompts, a.steps, a.seed, clip, reference, batch=a.batch)
         rows.append((f"1, {scheme}", r, psnr(np.asarray(images), np.asarray(base))))
     return rows
 
@@ -88,13 +91,14 @@ def print_markdown(pipe, model: Path, rows: list[tuple], a: argparse.Namespace) 
     print(f"- Command: `python bench/deepcache.py {shlex.join(sys.argv[1:])}`")
     print(f"- Model: {model.name}, {a.steps} steps, guidance {pipe.defaults.guidance:g}, {a.n} prompts "
           f"(seed {a.seed}), batch {a.batch}, DeepCache branch {a.branch}; interval 1 is the plain UNet.\n")
-    print("| interval (, quantization) | images/s | speed-up | one-object | two-object | all | PSNR vs no cache dB |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| interval (, quantization) | images/s | speed-up | one-object | two-object | all | Fréchet dist. "
+          "| PSNR vs no cache dB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     base_ips = rows[0][1].images_per_second
     for interval, r, db in rows:
         both = (r.one * r.n_one + r.two * r.n_two) / max(r.n_one + r.n_two, 1)
         print(f"| {interval} | {r.images_per_second:.2f} | {r.images_per_second / base_ips:.2f}x | {r.one:.1%} "
-              f"| {r.two:.1%} | {both:.1%} | {'identical' if db == float('inf') else f'{db:.1f}'} |")
+              f"| {r.two:.1%} | {both:.1%} | {r.fid:.1f} | {'identical' if db == float('inf') else f'{db:.1f}'} |")
 
 
 if __name__ == "__main__":

@@ -105,8 +105,9 @@ FOLD_MIN_PIXELS = 32 * 32  # smallest input (H * W) that `nearest_up_conv` runs 
 
 def folded_kernel(conv: nn.Conv2d) -> torch.Tensor:
     """`fold_upsample_weight(conv.weight)`. Without autograd it is kept on the conv and rebuilt when
-    the weight changes (storage, in-place version, dtype, device); with autograd, or inside
-    torch.compile (which folds it once as a constant when freezing), it is computed in the graph."""
+    the weight changes (storage, in-place version, dtype, device): 16/9 of the conv's weight memory
+    (38 MB for the SD VAE decoder in fp32). With autograd, or while torch.compile traces, it is
+    computed in the graph instead."""
     w = conv.weight
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return fold_upsample_weight(w)
