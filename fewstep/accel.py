@@ -36,10 +36,11 @@ def optimize(pipe: Pipeline, *, channels_last: bool = False, fuse_qkv: bool = Fa
     """Apply speed options to `pipe` in place and return it. False / None leave a choice as it is.
 
     channels_last: UNet and autoencoder weights (and the latents passed to them) in channels-last
-    layout. fuse_qkv: fused attention projections in the UNet (see module doc: changes its
-    state_dict). decoder: "tiny" for the family's TAESD from the hub (or the Hugging Face cache),
-    a path to a TAESD / AutoencoderTiny folder (or any autoencoder folder), the hub id of an
-    AutoencoderTiny, or "full" to decode with the pipeline's own VAE again."""
+    layout; on CPU the decoding autoencoder is channels-last in any case (faster there). fuse_qkv:
+    fused attention projections in the UNet (see module doc: changes its state_dict). decoder:
+    "tiny" for the family's TAESD from the hub (or the Hugging Face cache), a path to a TAESD /
+    AutoencoderTiny folder (or any autoencoder folder), the hub id of an AutoencoderTiny, or "full"
+    to decode with the pipeline's own VAE again."""
     if decoder is not None:
         pipe.decoder = load_decoder(pipe, decoder)
     if fuse_qkv:
