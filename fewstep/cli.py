@@ -60,6 +60,9 @@ def save_png(image, path: Path, parameters: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); a saved image is not
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -5,8 +5,10 @@ accuracy on 50 fixed eval prompts stays above a floor set just under the measure
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -80,3 +82,7 @@ def test_cli_generates_with_the_default_model(tmp_path):
     assert main(["generate", PROMPTS[0], "--output", str(out), "--quiet"]) == 0
     image = Image.open(out)
     assert image.size == (128, 128) and "shapes-turbo" in image.text["parameters"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as any written file, not mkstemp's 0600
+    assert list(tmp_path.iterdir()) == [out]  # no .part file left
