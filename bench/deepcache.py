@@ -4,11 +4,11 @@ For each interval of --intervals (1 = no cache, the baseline) the fixed, seeded 
 prompts, `fewstep.shapes.caption.sample_prompts`) is generated at --steps with
 `fewstep.deepcache.DeepCache(interval, --branch)` and read back by the shapes evaluator
 (`fewstep.evaluation.evaluate`): images/s, speed-up over the baseline, one- and two-object accuracy,
-the tiny-CLIP Fréchet distance to renderer images (the shipped shapes-clip scorer, the same reference
-set as `fewstep eval`), and the PSNR of the whole set against the uncached images of the same seeds. The model defaults to
-the shipped teacher (fewstep/assets/shapes-teacher), a 25-step DDPM-trained shapes model. Each
---quantize scheme (`fewstep.quantize`, torchao) adds a row: a fresh load, quantized, no cache,
-against the same uncached baseline. Prints Markdown for docs/BENCHMARKS.md.
+the tiny-CLIP Fréchet distance to renderer images (the shipped shapes-clip scorer, the same
+reference set as `fewstep eval`), and the PSNR of the whole set against the uncached images of the
+same seeds. The model defaults to the shipped teacher (fewstep/assets/shapes-teacher), a 25-step
+DDPM-trained shapes model. Each --quantize scheme (`fewstep.quantize`, torchao) adds a row: a fresh
+load, quantized, no cache, against the same uncached baseline. Prints Markdown for docs/BENCHMARKS.md.
 
     python bench/deepcache.py [--model PATH] [--steps 25] [--intervals 1,2,3,4,5] [--branch 0] [--n 200]
                               [--quantize int8-weight,int8-dynamic]

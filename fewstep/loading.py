@@ -160,11 +160,11 @@ def _load_folder(root: Path, device, dtype, variant, allow_pickle, prediction_ty
     names = ["text_encoder", "text_encoder_2"] if "text_encoder_2" in index else ["text_encoder"]
     from .tokenizer import CLIPTokenizer
     kw = dict(device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
-    # fp32 first, so an fp16 pipeline's upcast VAE keeps its fp32 weights; then the dtype it should have
-    vae = load_autoencoder(root / "vae", **{**kw, "dtype": torch.float32 if dtype == torch.float16 else dtype})
+    # fp32 first, so a half-precision pipeline's fp32 VAE keeps its fp32 weights; then the dtype it should have
+    vae = load_autoencoder(root / "vae", **{**kw, "dtype": torch.float32})
     return Pipeline(
         unet=load_unet(root / "unet", **kw),
-        vae=vae.to(vae_dtype(vae.cfg, dtype)),
+        vae=vae.to(vae_dtype(vae.cfg, dtype, device)),
         text_encoders=[load_text_encoder(root / n, **kw) for n in names],
         tokenizers=[CLIPTokenizer.from_folder(root / n.replace("text_encoder", "tokenizer")) for n in names],
         scheduler=sched,

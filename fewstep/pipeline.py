@@ -46,14 +46,30 @@ def to_pil(images: torch.Tensor) -> list:
     return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-def vae_dtype(cfg, dtype: torch.dtype) -> torch.dtype:
-    """The dtype to keep an autoencoder in when the rest of a pipeline runs in `dtype`.
+def native_bf16(device) -> bool:
+    """Whether `device` multiplies bf16 in hardware: any GPU, or a CPU with AVX512-BF16 or AMX. On
+    other CPUs oneDNN emulates bf16 through fp32, slower than fp32 itself (4x for the SD VAE decoder
+    on this project's development CPU, docs/BENCHMARKS.md)."""
+    if torch.device(device).type != "cpu":
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's CPU feature probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def vae_dtype(cfg, dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype to keep an autoencoder in when the rest of a pipeline on `device` runs in `dtype`.
 
     An fp16 pipeline whose VAE config says `force_upcast` (SD 1.x / 2.x / XL: decoder activations
     overflow fp16) keeps that VAE in fp32, decided once at load time. diffusers decodes such a VAE in
     fp32 too, but converts it there and back around every call. bf16 has fp32's range and is kept,
-    as diffusers does (it upcasts for float16 only). TAESD configs have no such flag."""
-    return torch.float32 if dtype == torch.float16 and getattr(cfg, "force_upcast", False) else dtype
+    as diffusers does (it upcasts for float16 only), except on a CPU without bf16 hardware
+    (`native_bf16`), where the autoencoder stays fp32: faster there, and exact. TAESD configs have
+    no force_upcast flag."""
+    if dtype == torch.float16 and getattr(cfg, "force_upcast", False):
+        return torch.float32
+    if dtype == torch.bfloat16 and not native_bf16(device):
+        return torch.float32
+    return dtype
 
 
 def memory_format(m: torch.nn.Module) -> torch.memory_format:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fewstep
+import fewstep.pipeline
 from conftest import SHARED, requires_shared
 from fewstep.accel import fuse_attention, optimize, preview_callback
 from fewstep.errors import FewstepError
@@ -152,6 +153,7 @@ def test_tiny_decoder_from_hub(tiny_folders, taesd_dirs, monkeypatch, family, re
     with torch.no_grad():
         want = load_taesd(decoder_path=TAESD / f"{prefix}_decoder.safetensors").decode(z)
     assert rel(pipe.decode(z), want) <= 1e-5
+    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: True)  # a CPU with bf16 units
     half = fewstep.load(tiny_folders[family], decoder="tiny", dtype=torch.bfloat16)
     assert {p.dtype for p in half.decoder.parameters()} == {torch.bfloat16}
     assert (half.decode(z).float() - want).abs().mean() <= 0.05
@@ -187,7 +189,8 @@ def test_preview_callback_shows_every_step(tiny_folders, taesd_dirs):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_bf16_close_to_fp32(tiny_folders, taesd_dirs, family):
+def test_bf16_close_to_fp32(tiny_folders, taesd_dirs, family, monkeypatch):
+    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: True)  # a CPU with bf16 units
     ref = fewstep.load(tiny_folders[family])
     pipe = fewstep.load(tiny_folders[family], dtype=torch.bfloat16)
     for m in (pipe.unet, pipe.vae, *pipe.text_encoders):  # bf16 has fp32's range: no VAE upcast (as diffusers)
@@ -198,6 +201,22 @@ def test_bf16_close_to_fp32(tiny_folders, taesd_dirs, family):
     optimize(ref, decoder=taesd_dirs["taesd"])
     assert next(pipe.decoder.parameters()).dtype == torch.bfloat16
     assert (pipe(PROMPT, **GEN).float() - ref(PROMPT, **GEN)).abs().mean() <= 0.05
+
+
+@pytest.mark.parametrize("decoder", [None, "taesd"])
+def test_bf16_without_bf16_hardware_keeps_the_autoencoder_fp32(tiny_folders, taesd_dirs, monkeypatch, decoder):
+    from fewstep.pipeline import native_bf16
+    assert native_bf16("cpu") == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert native_bf16("cuda") and native_bf16(torch.device("cuda", 0))
+    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: False)
+    ref = fewstep.load(tiny_folders["sd1"], decoder=decoder and taesd_dirs[decoder])
+    pipe = fewstep.load(tiny_folders["sd1"], dtype=torch.bfloat16, decoder=decoder and taesd_dirs[decoder])
+    ae = pipe.vae if decoder is None else pipe.decoder
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ae.parameters()} == {torch.float32}
+    z = torch.randn(1, 4, 8, 8)
+    assert rel(pipe.decode(z), ref.decode(z)) <= 1e-6  # the very weights, not bf16-rounded ones
+    assert pipe(PROMPT, **GEN).dtype == torch.float32
 
 
 def test_fp16_keeps_upcast_vae_in_fp32_once(tiny_folders, monkeypatch, tmp_path):
