@@ -76,27 +76,18 @@ def fold_upsample_weight(w: torch.Tensor) -> torch.Tensor:
 
 def upsample_conv(x: torch.Tensor, w_folded: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`conv3x3(nearest_x2(x))` from the folded kernel of `fold_upsample_weight`: one 2x2 conv with
-    4x the output channels on the zero-padded small image, then each phase written to its pixels.
-    A channels-last input gives a channels-last output (the phase copies then move whole pixels)."""
+    4x the output channels on the zero-padded small image, then each phase written to its pixels,
+    in the conv output's memory layout (channels-last in, channels-last out)."""
     b, _, h, w = x.shape
     o = w_folded.shape[0] // 4
-    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), w_folded)  # [B, 4 * O, H + 1, W + 1]
-    # Even output rows read small rows (i-1, i): the 2x2 window at padded row i; odd rows read
-    # (i, i+1): window i + 1. Columns likewise.
-    if y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
-        y = y.permute(0, 2, 3, 1).view(b, h + 1, w + 1, 2, 2, o)  # [B, H+1, W+1, py, px, O]
-        out = y.new_empty(b, h, 2, w, 2, o)  # [B, H, py, W, px, O]
-        for py in (0, 1):
-            for px in (0, 1):
-                out[:, :, py, :, px] = y[:, py:py + h, px:px + w, py, px]
-        out = out.view(b, 2 * h, 2 * w, o).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
-    else:
-        y = y.view(b, 2, 2, o, h + 1, w + 1)
-        out = y.new_empty(b, o, h, 2, w, 2)  # [B, O, H, py, W, px]
-        for py in (0, 1):
-            for px in (0, 1):
-                out[:, :, :, py, :, px] = y[:, py, px, :, py:py + h, px:px + w]
-        out = out.view(b, o, 2 * h, 2 * w)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), w_folded)  # [B, 4 * O, H + 1, W + 1], phases (py, px) in order
+    nhwc = y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    out = torch.empty(b, o, 2 * h, 2 * w, dtype=y.dtype, device=y.device,
+                      memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+    for py in (0, 1):
+        for px in (0, 1):  # even output rows read small rows (i-1, i): the 2x2 window at padded row i;
+            p = 2 * py + px  # odd rows read (i, i+1): window i + 1. Columns likewise.
+            out[:, :, py::2, px::2] = y[:, p * o:(p + 1) * o, py:py + h, px:px + w]
     return out if bias is None else out.add_(bias[:, None, None])
 
 
