@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import FewstepError
-from .pipeline import Pipeline, to_pil
+from .pipeline import Pipeline, autoencoder_input, memory_format, to_pil, vae_dtype
 
 # Tiny decoders on the hub by latent space: SD 1.x and 2.x share one VAE, SDXL has its own.
 TINY_DECODERS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
@@ -45,15 +45,14 @@ def optimize(pipe: Pipeline, *, channels_last: bool = False, fuse_qkv: bool = Fa
         pipe.decoder = load_decoder(pipe, decoder)
     if fuse_qkv:
         fuse_attention(pipe.unet)
-    pipe.channels_last = pipe.channels_last or channels_last
-    if pipe.channels_last:
+    if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
     if pipe.device.type == "cpu":
         # On CPU the autoencoder that decodes always runs channels-last: 13% faster for the SD VAE
         # decoder at 512x512 and 30% for TAESD here (docs/BENCHMARKS.md), same results up to float
         # rounding. A full VAE left beside a tiny decoder stays as loaded (untouched, memory-mapped).
         _own_channels_last(pipe.vae if pipe.decoder is None else pipe.decoder)
-    elif pipe.channels_last:
+    elif memory_format(pipe.unet) == torch.channels_last:  # also when only a new decoder came in
         for m in (pipe.vae, pipe.decoder):
             if m is not None:
                 m.to(memory_format=torch.channels_last)
@@ -68,7 +67,6 @@ def _own_channels_last(m: nn.Module) -> None:
     only the conv weights (`Module.to(memory_format=...)`) would keep the file mapped for the rest,
     with the converted tensors' pages still counted in the process's memory beside their copies.
     Copying all of a (small) autoencoder lets the mapping go. Already converted: nothing to do."""
-    from .pipeline import memory_format
     if memory_format(m) == torch.channels_last:
         return
     for t in [*m.parameters(), *m.buffers()]:
@@ -90,7 +88,6 @@ def load_decoder(pipe: Pipeline, decoder: str | Path) -> nn.Module | None:
     """The module `pipe` should decode with for `decoder` ("full" -> None: its own VAE), on the
     pipeline's device, in the dtype its VAE would have (see `pipeline.vae_dtype`)."""
     from .loading import HUB_ID, _download, load_autoencoder
-    from .pipeline import vae_dtype
     if decoder == "full":
         return None
     if decoder == "tiny":
@@ -116,8 +113,7 @@ def preview_callback(ae: nn.Module, on_image: Callable) -> Callable:
     """A sampler callback that decodes each step's x0 estimate with `ae` (TAESD: cheap) and calls
     `on_image(i, image)` with one PIL image, the batch side by side. Use as `pipe(..., callback=...)`."""
     def callback(i: int, x: torch.Tensor, denoised: torch.Tensor, sigma) -> None:
-        p = next(ae.parameters())
         with torch.no_grad():
-            images = ae.decode(denoised.to(p.device, p.dtype))  # [N, 3, H, W]
+            images = ae.decode(autoencoder_input(ae, denoised))  # [N, 3, H, W]
         on_image(i, to_pil(torch.cat(list(images), dim=-1)[None])[0])  # [1, 3, H, N * W]
     return callback

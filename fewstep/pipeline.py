@@ -81,12 +81,17 @@ def memory_format(m: torch.nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def autoencoder_input(ae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Latents on `ae`'s device, in its dtype and its convolutions' memory layout."""
+    p = next(ae.parameters())
+    return z.to(p.device, p.dtype, memory_format=memory_format(ae))
+
+
 def safe_decode(ae: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
     """Decode latents in the autoencoder's own dtype; if a half-precision one overflows (NaN/inf),
     warn and decode again in fp32 (a rare, per-call conversion; see `vae_dtype` for the usual case)."""
-    p = next(ae.parameters())
-    dtype = p.dtype
-    x = ae.decode(z.to(p.device, dtype, memory_format=memory_format(ae)))
+    dtype = next(ae.parameters()).dtype
+    x = ae.decode(autoencoder_input(ae, z))
     if not torch.isfinite(x).all():
         if dtype == torch.float32:
             raise FewstepError("the VAE produced NaN/inf in fp32: the latents are broken (check the model and inputs)")
@@ -114,9 +119,8 @@ class Pipeline:
     """A loaded text-to-image model. Call it with a prompt; see `__call__`.
 
     `decoder` (e.g. TAESD, set by `fewstep.accel.optimize`) decodes instead of `vae` when set; `vae`
-    stays for encoding and for switching back. `channels_last` hands the UNet its inputs in
-    channels-last layout (its weights are converted by `optimize` too); autoencoders get theirs in
-    the layout of their own weights (`memory_format`)."""
+    stays for encoding and for switching back. The UNet and the autoencoders get their inputs in the
+    memory layout of their own conv weights (`memory_format`; `optimize` sets it)."""
 
     unet: torch.nn.Module
     vae: torch.nn.Module
@@ -127,7 +131,6 @@ class Pipeline:
     defaults: Defaults = field(default_factory=Defaults)
     name: str = ""
     decoder: torch.nn.Module | None = None
-    channels_last: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -175,10 +178,6 @@ class Pipeline:
             cond["time_ids"] = time_ids.to(self.device, self.dtype).repeat(context.shape[0], 1)
         return cond
 
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.channels_last else torch.contiguous_format
-
     def _model_fn(self, cond: dict, guidance: float, cfg: bool, cache=None) -> Callable:
         """The guided model output as a function of (x, t), in fp32. `cache` (e.g. fewstep.deepcache)
         wraps the UNet for this one generation, so any state it keeps starts fresh each call."""
@@ -188,7 +187,7 @@ class Pipeline:
         if proj_dim is not None:
             w = torch.full((n,), guidance - 1.0)
             cond = {**cond, "timestep_cond": guidance_embedding(w, proj_dim).to(self.device, self.dtype)}
-        fmt = self.memory_format
+        fmt = memory_format(self.unet)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x = x.to(self.dtype, memory_format=fmt)
