@@ -23,8 +23,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fewstep.bench_random import shared_data
+
 ROOT = Path(__file__).resolve().parents[1]
-TAESD = ROOT.parent / "shared" / "data" / "taesd"
+TAESD = shared_data() / "taesd"
 
 
 def rows(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -85,7 +87,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--taesd", type=Path, default=TAESD if TAESD.is_dir() else None,
-                    help="TAESD folder for row (c) (default: ../shared/data/taesd, else TAESD from the hub)")
+                    help="TAESD folder for row (c) (default: $FEWSTEP_SHARED_DATA/taesd or ../shared/data/taesd, "
+                    "else TAESD from the hub)")
     ap.add_argument("--fast", default="--dtype bf16 --channels-last --fuse-qkv",
                     help="fewstep bench options of row (c), besides --decoder")
     ap.add_argument("--work-dir", default=None, help="where the random-weight folder is kept")
