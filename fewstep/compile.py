@@ -107,8 +107,8 @@ def compile_regions(module: nn.Module, mode: str | None, fullgraph: bool, dynami
 
 def compile_pipeline(pipe, *, mode: str | None = None, regional: bool = True, cache_dir: str | Path | None = None,
                      fullgraph: bool = False, dynamic: bool | None = False, backend: str = "inductor"):
-    """Compile a Pipeline's UNet, VAE and text encoders in place (compilation itself happens at the
-    first generation); returns pipe.
+    """Compile a Pipeline's UNet, VAE, tiny decoder (when set) and text encoders in place
+    (compilation itself happens at the first generation); returns pipe.
 
     mode: torch.compile's mode; "reduce-overhead" adds CUDA graphs on a GPU, "max-autotune" also
     benchmarks kernel choices (slow to compile). regional: compile repeated blocks (fast to compile)
@@ -125,8 +125,9 @@ def compile_pipeline(pipe, *, mode: str | None = None, regional: bool = True, ca
         compile_regions(pipe.unet, mode, fullgraph, dynamic, backend)
     else:
         pipe.unet.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
-    for module in (pipe.vae, *pipe.text_encoders):
-        compile_regions(module, mode, fullgraph, dynamic, backend)
+    for module in (pipe.vae, pipe.decoder, *pipe.text_encoders):
+        if module is not None:
+            compile_regions(module, mode, fullgraph, dynamic, backend)
     return pipe
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fewstep
-from conftest import requires_shared, slow
+from conftest import SHARED, requires_shared, slow
 from fewstep.compile import RECOMPILE_LIMIT, compile_pipeline, compile_timings, regions
 from fewstep.deepcache import DeepCache
 from fewstep.errors import FewstepError
@@ -55,6 +55,18 @@ def test_regional_compiles_each_repeated_block(folder, tmp_path):
     assert all(isinstance(pipe.unet.get_submodule(n), regions()) for n in unet)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "cache").resolve())
     assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT
+
+
+def test_tiny_decoder_is_compiled_too(folder, tmp_path):
+    """With decoder="tiny" images are decoded by TAESD, so its blocks are compiled (as well as the
+    VAE's, which still encodes)."""
+    from fewstep.models.tae import Block
+    pipe = compile_pipeline(fewstep.load(folder, decoder=SHARED / "taesd"), cache_dir=tmp_path, backend="aot_eager")
+    blocks = [n for n, m in pipe.decoder.named_modules() if isinstance(m, Block)]
+    # TAESD: encoder 1 + 3 x 3 blocks, decoder 3 x 3 + 1
+    assert sum(n.startswith("decoder.") for n in blocks) == 10 and len(blocks) == 20
+    assert compiled(pipe.decoder) == blocks
+    assert len(compiled(pipe.vae)) == 18
 
 
 def test_whole_unet(folder, tmp_path):
