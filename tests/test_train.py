@@ -40,7 +40,8 @@ def test_every_stage_writes_its_outputs(run):
     for path in ("tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
                  "tokenizer/special_tokens_map.json", "clip/text_encoder/model.safetensors",
                  "clip/image_tower.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                 "teacher/unet/diffusion_pytorch_model.safetensors", "student/unet/diffusion_pytorch_model.safetensors",
+                 "teacher/unet/diffusion_pytorch_model.safetensors", "teacher/text_encoder/model.safetensors",
+                 "student/unet/diffusion_pytorch_model.safetensors",
                  "shapes-teacher/model_index.json", "shapes-turbo/fewstep.json", "report.json",
                  "samples/teacher-00006.png", "samples/student-00006.png"):
         assert (out / path).is_file(), path
@@ -64,6 +65,38 @@ def test_student_starts_from_teacher_and_moves(run):
     assert teacher.keys() == student.keys()
     diffs = [float((teacher[k] - student[k]).abs().max()) for k in teacher]
     assert 0 < max(diffs) < 0.05  # distilled for 6 small steps from the teacher, not re-initialised
+
+
+def test_text_encoder_trains_with_the_teacher_and_ships(run):
+    """The teacher fine-tunes the CLIP stage's text encoder: exactly its last TUNED_TEXT_LAYERS layers
+    and final LayerNorm move, the embeddings and earlier layers stay the CLIP's. Both exported folders
+    carry the teacher's copy (fp16); the CLIP stage's stays the CLIP-score model."""
+    from fewstep.train.teacher import TUNED_TEXT_LAYERS
+    out, _ = run
+    clip = load_file(out / "clip" / "text_encoder" / "model.safetensors")
+    tuned = load_file(out / "teacher" / "text_encoder" / "model.safetensors")
+    assert clip.keys() == tuned.keys()
+    n = json.loads((out / "clip" / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    trainable = tuple(f"text_model.encoder.layers.{i}." for i in range(n - TUNED_TEXT_LAYERS, n)) + (
+        "text_model.final_layer_norm.",)
+    moved = {k for k in clip if not torch.equal(clip[k], tuned[k])}
+    assert moved == {k for k in clip if k.startswith(trainable)}
+    assert any(k.startswith("text_model.embeddings.") for k in clip)
+    for folder in ("shapes-teacher", "shapes-turbo"):
+        shipped = load_file(out / folder / "text_encoder" / "model.safetensors")
+        assert all(torch.equal(shipped[k], tuned[k].half()) for k in tuned), folder
+
+
+def test_offset_noise_in_the_teacher_loss():
+    """The teacher's training noise: unit Gaussian plus a per-image, per-channel constant of std 0.1."""
+    from fewstep.train.common import generator
+    from fewstep.train.teacher import OFFSET_NOISE, training_noise
+    noise = training_noise((256, 4, 16, 16), generator(7))
+    offsets = noise.mean((2, 3))  # [256, 4]: the offset + the mean of 256 unit normals (std 1/16)
+    assert OFFSET_NOISE == 0.1
+    assert 0.105 < float(offsets.std()) < 0.135  # sqrt(0.1^2 + (1/16)^2) = 0.118; without the offset 0.0625
+    assert 0.95 < float((noise - noise.mean((2, 3), keepdim=True)).std()) < 1.05
+    assert torch.equal(noise, training_noise((256, 4, 16, 16), generator(7)))  # seeded: resumable
 
 
 PROMPTS = ["a large red circle at the top left", "A small blue square and a Green Triangle on a white background.",

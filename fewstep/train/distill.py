@@ -36,7 +36,7 @@ from ..schedules import alphas_cumprod
 from .common import EMA, batches, generator, set_lr, warmup_lr
 from .loop import Hyper, Stage
 from .sizes import Sizes
-from .teacher import GUIDANCE, LatentData, diffuse
+from .teacher import GUIDANCE, LatentData, diffuse, text_encoder_folder
 
 STUDENT_TIMESTEPS = (999, 749, 499, 249)  # trailing spacing of 4 steps: what the exported scheduler uses
 STUDENT_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # one step (t = 999) is the shipped default, so it is drawn most
@@ -194,7 +194,8 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     from .evaluate import finish_unet, preview
     out = Path(out)
     stage = Stage("student", out, hyper, seed)
-    data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0)
+    data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0,
+                      text_folder=text_encoder_folder(out))
     teacher = load_unet(out / "teacher" / "unet")
     student = load_unet(out / "teacher" / "unet").train().requires_grad_(True)
     torch.manual_seed(seed)
@@ -210,5 +211,7 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
 
     done = stage.run(batches(data, start, hyper.steps, hyper.workers), add.step, on_preview)
     if done and stage.main:
-        return finish_unet(out, "student", stage.accel.unwrap_model(add.model), add.ema, sizes, "trailing", 1, 0.0, 128)
+        student = stage.accel.unwrap_model(add.model)
+        student.load_state_dict(add.ema.shadow)
+        return finish_unet(out, "student", student, sizes, "trailing", 1, 0.0, 128)
     return {}

@@ -21,9 +21,10 @@ def run_pipeline(run: Path, unet_folder: Path, spacing: str, steps: int, guidanc
     from ..loading import load_autoencoder, load_text_encoder, load_unet
     from ..tokenizer import CLIPTokenizer
     from .export import scheduler_json
+    from .teacher import text_encoder_folder
     run = Path(run)
     return Pipeline(unet=load_unet(unet_folder), vae=load_autoencoder(run / "vae"),
-                    text_encoders=[load_text_encoder(run / "clip" / "text_encoder")],
+                    text_encoders=[load_text_encoder(text_encoder_folder(run))],
                     tokenizers=[CLIPTokenizer.from_folder(run / "tokenizer")],
                     scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
                     defaults=Defaults(steps=steps, guidance=guidance), name=Path(unet_folder).parent.name)
@@ -61,13 +62,14 @@ def quick_check(run: Path, unet_folder: Path, spacing: str, steps: int, guidance
 
 
 @torch.no_grad()
-def preview(unet: torch.nn.Module, data, spacing: str, steps: int, guidance: float, path: Path, n: int = 8) -> None:
-    """A contact sheet of n eval prompts from a UNet in training (with the stage's frozen text
-    encoder, tokenizer and VAE from `data`, a teacher.LatentData)."""
+def preview(unet: torch.nn.Module, data, spacing: str, steps: int, guidance: float, path: Path, n: int = 8,
+            text: torch.nn.Module | None = None) -> None:
+    """A contact sheet of n eval prompts from a UNet in training (with `text`, or else the stage's
+    frozen text encoder, and the tokenizer and VAE from `data`, a teacher.LatentData)."""
     from ..shapes.caption import sample_prompts
     from ..shapes.render import contact_sheet
     from .export import scheduler_json
-    pipe = Pipeline(unet=unet.eval(), vae=data.vae, text_encoders=[data.text], tokenizers=[data.tokenizer],
+    pipe = Pipeline(unet=unet.eval(), vae=data.vae, text_encoders=[(text or data.text).eval()], tokenizers=[data.tokenizer],
                     scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
                     defaults=Defaults(steps=steps, guidance=guidance))
     prompts = sample_prompts(0, n)
@@ -75,12 +77,11 @@ def preview(unet: torch.nn.Module, data, spacing: str, steps: int, guidance: flo
     contact_sheet(generate(pipe, prompts, batch=n), prompts, cols=n, width=160).save(path)
 
 
-def finish_unet(run: Path, name: str, unet: torch.nn.Module, ema, sizes, spacing: str, steps: int, guidance: float,
+def finish_unet(run: Path, name: str, unet: torch.nn.Module, sizes, spacing: str, steps: int, guidance: float,
                 n: int) -> dict:
-    """A UNet stage's end: its EMA weights to OUT/NAME/unet/ (fp32), then a quick check on n eval
+    """A UNet stage's end: its (EMA) weights to OUT/NAME/unet/ (fp32), then a quick check on n eval
     prompts (full size only: the evaluator reads 128x128 scenes)."""
     from .export import save_unet
-    unet.load_state_dict(ema.shadow)
     save_unet(Path(run) / name / "unet", unet)
     if sizes.image < 128:
         return {}

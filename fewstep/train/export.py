@@ -79,6 +79,13 @@ def save_unet(folder: Path, unet: torch.nn.Module, dtype: torch.dtype | None = N
     save_weights(unet.state_dict(), folder / "diffusion_pytorch_model.safetensors", dtype)
 
 
+def save_text_encoder(folder: Path, text: torch.nn.Module, config_from: Path, dtype: torch.dtype | None = None) -> None:
+    """A transformers CLIPTextModel folder: `config_from`'s config.json (with the dtype) and the weights."""
+    config = read_json(Path(config_from) / "config.json")
+    write_json(folder / "config.json", {**config, "torch_dtype": "float16" if dtype == torch.float16 else "float32"})
+    save_weights(text.state_dict(), folder / "model.safetensors", dtype)
+
+
 def save_vae(folder: Path, vae: torch.nn.Module, sample_size: int, dtype: torch.dtype | None = None) -> None:
     write_json(folder / "config.json", vae_json(vae.cfg, sample_size))
     save_weights(vae.state_dict(), folder / "diffusion_pytorch_model.safetensors", dtype)
@@ -87,6 +94,7 @@ def save_vae(folder: Path, vae: torch.nn.Module, sample_size: int, dtype: torch.
 def export_pipeline(run: Path, unet_folder: Path, dest: Path, spacing: str, defaults: dict) -> Path:
     """A standalone fp16 pipeline folder at `dest` from a run folder's trained components."""
     from ..loading import load_autoencoder, load_text_encoder, load_unet
+    from .teacher import text_encoder_folder
     run, dest = Path(run), Path(dest)
     if dest.exists():
         shutil.rmtree(dest)
@@ -95,10 +103,8 @@ def export_pipeline(run: Path, unet_folder: Path, dest: Path, spacing: str, defa
     save_unet(dest / "unet", unet, half)
     vae = load_autoencoder(run / "vae")
     save_vae(dest / "vae", vae, unet.cfg.sample_size * 8, half)
-    text = load_text_encoder(run / "clip" / "text_encoder")
-    config = read_json(run / "clip" / "text_encoder" / "config.json")
-    write_json(dest / "text_encoder" / "config.json", {**config, "torch_dtype": "float16"})
-    save_weights(text.state_dict(), dest / "text_encoder" / "model.safetensors", half)
+    text_folder = text_encoder_folder(run)
+    save_text_encoder(dest / "text_encoder", load_text_encoder(text_folder), text_folder, half)
     shutil.copytree(run / "tokenizer", dest / "tokenizer")
     write_json(dest / "scheduler" / "scheduler_config.json", scheduler_json(spacing))
     write_json(dest / "model_index.json", model_index())
