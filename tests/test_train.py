@@ -67,36 +67,50 @@ def test_student_starts_from_teacher_and_moves(run):
     assert 0 < max(diffs) < 0.05  # distilled for 6 small steps from the teacher, not re-initialised
 
 
-def test_text_encoder_trains_with_the_teacher_and_ships(run):
-    """The teacher fine-tunes the CLIP stage's text encoder: exactly its last TUNED_TEXT_LAYERS layers
-    and final LayerNorm move, the embeddings and earlier layers stay the CLIP's. Both exported folders
-    carry the teacher's copy (fp16); the CLIP stage's stays the CLIP-score model."""
-    from fewstep.train.teacher import TUNED_TEXT_LAYERS
+def test_teacher_text_encoder_ships(run):
+    """The recipe's teacher keeps the CLIP stage's text encoder frozen (text_layers = 0): its copy in
+    OUT/teacher/text_encoder equals the CLIP's, and both exported folders carry it (fp16)."""
     out, _ = run
     clip = load_file(out / "clip" / "text_encoder" / "model.safetensors")
-    tuned = load_file(out / "teacher" / "text_encoder" / "model.safetensors")
-    assert clip.keys() == tuned.keys()
-    n = json.loads((out / "clip" / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
-    trainable = tuple(f"text_model.encoder.layers.{i}." for i in range(n - TUNED_TEXT_LAYERS, n)) + (
-        "text_model.final_layer_norm.",)
-    moved = {k for k in clip if not torch.equal(clip[k], tuned[k])}
-    assert moved == {k for k in clip if k.startswith(trainable)}
-    assert any(k.startswith("text_model.embeddings.") for k in clip)
+    teacher = load_file(out / "teacher" / "text_encoder" / "model.safetensors")
+    assert clip.keys() == teacher.keys() and all(torch.equal(clip[k], teacher[k]) for k in clip)
     for folder in ("shapes-teacher", "shapes-turbo"):
         shipped = load_file(out / folder / "text_encoder" / "model.safetensors")
-        assert all(torch.equal(shipped[k], tuned[k].half()) for k in tuned), folder
+        assert all(torch.equal(shipped[k], teacher[k].half()) for k in teacher), folder
 
 
-def test_offset_noise_in_the_teacher_loss():
-    """The teacher's training noise: unit Gaussian plus a per-image, per-channel constant of std 0.1."""
+def test_teacher_options_tune_text_layers(run, tmp_path):
+    """--text-layers 1 --offset-noise 0.1: exactly the text encoder's last layer and final LayerNorm
+    move from the CLIP's (the embeddings and the earlier layer stay), and the UNet trains differently."""
+    from fewstep.train.recipe import run_stage
+    out = tmp_path / "run"
+    for part in ("tokenizer", "clip", "vae"):
+        shutil.copytree(run[0] / part, out / part)
+    run_stage("teacher", out, tiny=True, text_layers=1, offset_noise=0.1)
+    clip = load_file(out / "clip" / "text_encoder" / "model.safetensors")
+    tuned = load_file(out / "teacher" / "text_encoder" / "model.safetensors")
+    n = json.loads((out / "clip" / "text_encoder" / "config.json").read_text())["num_hidden_layers"]
+    moved = {k for k in clip if not torch.equal(clip[k], tuned[k])}
+    assert moved == {k for k in clip if k.startswith((f"text_model.encoder.layers.{n - 1}.",
+                                                      "text_model.final_layer_norm."))}
+    assert any(k.startswith("text_model.embeddings.") for k in clip) and n == 2
+    plain = load_file(run[0] / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
+    unet = load_file(out / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(plain[k], unet[k]) for k in plain)  # the options changed the training
+
+
+def test_offset_noise():
+    """Training noise: unit Gaussian plus a per-image, per-channel constant of std `offset`; the
+    same generator draws the same noise, and offset 0 is plain Gaussian noise."""
     from fewstep.train.common import generator
-    from fewstep.train.teacher import OFFSET_NOISE, training_noise
-    noise = training_noise((256, 4, 16, 16), generator(7))
+    from fewstep.train.teacher import training_noise
+    noise = training_noise((256, 4, 16, 16), generator(7), 0.1)
     offsets = noise.mean((2, 3))  # [256, 4]: the offset + the mean of 256 unit normals (std 1/16)
-    assert OFFSET_NOISE == 0.1
     assert 0.105 < float(offsets.std()) < 0.135  # sqrt(0.1^2 + (1/16)^2) = 0.118; without the offset 0.0625
     assert 0.95 < float((noise - noise.mean((2, 3), keepdim=True)).std()) < 1.05
-    assert torch.equal(noise, training_noise((256, 4, 16, 16), generator(7)))  # seeded: resumable
+    assert torch.equal(noise, training_noise((256, 4, 16, 16), generator(7), 0.1))  # seeded: resumable
+    plain = training_noise((256, 4, 16, 16), generator(7), 0.0)
+    assert torch.equal(plain, torch.randn((256, 4, 16, 16), generator=generator(7)))
 
 
 PROMPTS = ["a large red circle at the top left", "A small blue square and a Green Triangle on a white background.",
@@ -204,6 +218,12 @@ def test_cli_parses_and_rejects():
     assert (a.stage, a.steps, a.batch, a.resume, a.tiny, a.seed) == ("teacher", 5, 8, True, True, 0)
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--steps", "5"]))
+    a = parser.parse_args(["train", "teacher", "--out", "x", "--text-layers", "2", "--offset-noise", "0.1"])
+    assert (a.text_layers, a.offset_noise) == (2, 0.1)
+    with pytest.raises(FewstepError, match="options of the teacher stage"):
+        cmd_train(parser.parse_args(["train", "student", "--out", "x", "--offset-noise", "0.1"]))
+    with pytest.raises(FewstepError, match="--scale"):
+        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--text-layers", "1"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "decoder", "--out", "x"])
 

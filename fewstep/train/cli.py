@@ -35,6 +35,10 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (all: skip finished stages)")
     p.add_argument("--tiny", action="store_true", help="tiny models and a few steps: a smoke test in seconds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-layers", type=int, default=None,
+                   help="teacher: train the text encoder's last N layers with the UNet (default 0: frozen CLIP)")
+    p.add_argument("--offset-noise", type=float, default=None,
+                   help="teacher: offset-noise std, a per-image per-channel constant added to the noise (default 0)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
@@ -50,12 +54,17 @@ def cmd_train(a: argparse.Namespace) -> None:
     from ..errors import FewstepError
     from .recipe import run_all, run_stage
     if a.stage == "all":
-        if a.steps is not None or a.batch is not None or a.lr is not None or a.stop_at is not None:
-            raise FewstepError("--steps/--batch/--lr/--stop-at apply to one stage; with 'all' use --scale")
+        if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise)):
+            raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise apply to one stage; "
+                               "with 'all' use --scale")
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
                 "stop_at": a.stop_at}
+        teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise}
+        if a.stage != "teacher" and any(v is not None for v in teacher_only.values()):
+            raise FewstepError("--text-layers and --offset-noise are options of the teacher stage")
+        over.update(teacher_only)
         if a.stage in ("tokenizer", "export"):
             over = {}
         report = {a.stage: run_stage(a.stage, a.out, a.tiny, a.seed, a.resume, a.evaluate_n, **over)}

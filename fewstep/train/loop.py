@@ -34,6 +34,8 @@ class Hyper:
     workers: int = 0  # data worker processes (0 or 1): rendering and frozen encoders run there
     stop_at: int | None = None  # end this invocation after this step, checkpointed, as a kill would (time slices)
     preview_every: int = 0  # write OUT/samples/STAGE-STEP.png every so many steps (0: never)
+    text_layers: int = 0  # teacher: the text encoder's last layers trained with the UNet (0: frozen CLIP)
+    offset_noise: float = 0.0  # teacher: std of the per-image, per-channel constant added to the noise
 
 
 class LossLog:

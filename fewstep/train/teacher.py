@@ -8,17 +8,19 @@ works, and an EMA of the weights as the model. The loss is weighted by min-SNR-5
 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), which converges several
 times faster than the plain epsilon loss: the budget here is an hour of CPU.
 
-Two choices beyond that, both for what the frozen-CLIP teacher got wrong (docs/SHAPES.md):
-- The text encoder's last two layers (and final LayerNorm) train with the UNet, from the CLIP
-  stage's weights, as LDM's text-to-image models trained their text transformer with the UNet
-  (Rombach et al. 2022, sec. 4.3.1): a contrastive CLIP need not keep which colour goes with
-  which shape (its in-batch negatives rarely differ only in that), and the UNet's loss asks for
-  exactly that. The first layers stay frozen and run in the data worker: tuning all four costs
-  0.35 s per step of one core (the whole step is ~0.7 s). The teacher's text encoder is then the
-  model's: the student and the exported folders use it; the CLIP stage's stays the CLIP-score model.
-- Offset noise (Guttenberg 2023, "Diffusion with Offset Noise"): the training noise gets a
-  per-image, per-channel constant of std 0.1. With SD's schedule the last timestep keeps 7% of
-  the latent, and these scenes' latents are mostly one flat background: the mean of x_T gives the
+Two options (Hyper.text_layers, Hyper.offset_noise; off in the shipped recipe, see
+docs/SHAPES.md for what they did), both for what the frozen-CLIP teacher gets wrong:
+- `text_layers` = k: the text encoder's last k layers (and final LayerNorm) train with the UNet,
+  from the CLIP stage's weights, as LDM's text-to-image models trained their text transformer
+  with the UNet (Rombach et al. 2022, sec. 4.3.1): a contrastive CLIP need not keep which colour
+  goes with which shape (its in-batch negatives rarely differ only in that), and the UNet's loss
+  asks for exactly that. The frozen layers run in the data worker: tuning all four costs 0.35 s
+  per step of one core (the whole step is ~0.7 s). The teacher's text encoder
+  (OUT/teacher/text_encoder, a copy of the CLIP's when k = 0) is the model's: the student and the
+  exported folders use it; the CLIP stage's stays the CLIP-score model.
+- `offset_noise` = s (Guttenberg 2023, "Diffusion with Offset Noise"): the training noise gets a
+  per-image, per-channel constant of std s. With SD's schedule the last timestep keeps 7% of the
+  latent, and these scenes' latents are mostly one flat background: the mean of x_T gives the
   background colour away, so a model trained on it follows the mean of the *sampling* noise, not
   the prompt (measured: removing the noise's mean at sampling lifted the frozen-CLIP teacher's
   one-object accuracy from 82% to 93% on 28 prompts).
@@ -39,8 +41,6 @@ from .loop import Hyper, Stage
 from .sizes import Sizes
 
 CAPTION_DROPOUT = 0.1
-OFFSET_NOISE = 0.1
-TUNED_TEXT_LAYERS = 2  # the text encoder's last layers, trained with the UNet; the earlier ones stay the CLIP's
 GUIDANCE = 5.0  # the teacher's classifier-free guidance scale: its default, and the distillation target's
 MIN_SNR_GAMMA = 5.0
 UNET_ZERO = ("conv2", "conv_out", "proj_out", "to_out.0")  # residual branches and the output start at 0
@@ -96,7 +96,7 @@ class LatentData:
 
 class Conditioned(nn.Module):
     """The UNet and the text encoder trained with it, as one module: one optimiser, one EMA and one
-    checkpoint hold both. Only the text encoder's last `tuned` layers and final LayerNorm train;
+    checkpoint hold both. Only the text encoder's last `tuned` layers and final LayerNorm train (none: 0);
     forward(x, t, hidden) takes the hidden states before them (`text_prefix`, in the data worker)."""
 
     def __init__(self, unet: UNet, text: nn.Module, tuned: int):
@@ -105,8 +105,9 @@ class Conditioned(nn.Module):
         layers = text.text_model.encoder.layers
         self.start = len(layers) - tuned
         text.requires_grad_(False)
-        for module in (*layers[self.start:], text.text_model.final_layer_norm):
-            module.requires_grad_(True)
+        if tuned > 0:
+            for module in (*layers[self.start:], text.text_model.final_layer_norm):
+                module.requires_grad_(True)
 
     def context(self, hidden: torch.Tensor) -> torch.Tensor:
         tm = self.text.text_model
@@ -130,18 +131,19 @@ def min_snr_weight(t: torch.Tensor, ac: torch.Tensor, gamma: float = MIN_SNR_GAM
     return snr.clamp(max=gamma) / snr
 
 
-def training_noise(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Unit Gaussian noise plus the offset: a per-image, per-channel constant of std OFFSET_NOISE."""
-    return torch.randn(shape, generator=g) + OFFSET_NOISE * torch.randn((*shape[:2], 1, 1), generator=g)
+def training_noise(shape: tuple[int, ...], g: torch.Generator, offset: float) -> torch.Tensor:
+    """Unit Gaussian noise plus a per-image, per-channel constant of std `offset` (drawn also when 0,
+    so the draws that follow do not depend on it)."""
+    return torch.randn(shape, generator=g) + offset * torch.randn((*shape[:2], 1, 1), generator=g)
 
 
-def denoising_loss(model, b: dict, ac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """min-SNR-weighted epsilon loss at uniform timesteps with offset noise, and the plain per-sample
+def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """min-SNR-weighted epsilon loss at uniform timesteps (noise with `offset`), and the plain per-sample
     MSE (for the log). `model(x_t, t, hidden)` is a `Conditioned`."""
     g = generator(b["seed"] + 1)
     x0 = b["latents"]
     t = torch.randint(0, len(ac), (len(x0),), generator=g)
-    noise = training_noise(x0.shape, g)
+    noise = training_noise(x0.shape, g, offset)
     per_sample = F.mse_loss(model(diffuse(x0, noise, t, ac), t, b["hidden"]), noise, reduction="none").mean((1, 2, 3))
     return (per_sample * min_snr_weight(t, ac)).mean(), per_sample.mean()
 
@@ -158,7 +160,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     clip_text = out / "clip" / "text_encoder"
     torch.manual_seed(seed)
     unet = init_weights(UNet(sizes.unet), zero=UNET_ZERO)
-    joint = Conditioned(unet, load_text_encoder(clip_text).train(), TUNED_TEXT_LAYERS)
+    joint = Conditioned(unet, load_text_encoder(clip_text).train(), hyper.text_layers)
     data = LatentData(out, "teacher", sizes, seed, stage.per_process, stage.rank, CAPTION_DROPOUT, clip_text,
                       prefix=joint.start)
     opt = torch.optim.AdamW([p for p in joint.parameters() if p.requires_grad], lr=hyper.lr, weight_decay=0.01)
@@ -170,7 +172,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
 
     def step_fn(step: int, b: dict) -> dict:
         set_lr(opt, warmup_lr(step, hyper.lr, hyper.warmup, hyper.steps))
-        loss, mse = denoising_loss(model, b, ac)
+        loss, mse = denoising_loss(model, b, ac, hyper.offset_noise)
         opt.zero_grad(set_to_none=True)
         stage.accel.backward(loss)
         stage.accel.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,7 +181,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
         return {"loss": loss.item(), "mse": mse.item()}
 
     def on_preview(step: int) -> None:
-        shadow = Conditioned(UNet(sizes.unet), load_text_encoder(clip_text), TUNED_TEXT_LAYERS)
+        shadow = Conditioned(UNet(sizes.unet), load_text_encoder(clip_text), hyper.text_layers)
         shadow.load_state_dict(ema.shadow)
         preview(shadow.unet, data, "linspace", 20, GUIDANCE, out / "samples" / f"teacher-{step:05d}.png", text=shadow.text)
 
