@@ -69,7 +69,8 @@ def preview(unet: torch.nn.Module, data, spacing: str, steps: int, guidance: flo
     from ..shapes.caption import sample_prompts
     from ..shapes.render import contact_sheet
     from .export import scheduler_json
-    pipe = Pipeline(unet=unet.eval(), vae=data.vae, text_encoders=[(text or data.text).eval()], tokenizers=[data.tokenizer],
+    text = (text or data.text).eval()
+    pipe = Pipeline(unet=unet.eval(), vae=data.vae, text_encoders=[text], tokenizers=[data.tokenizer],
                     scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
                     defaults=Defaults(steps=steps, guidance=guidance))
     prompts = sample_prompts(0, n)

@@ -47,7 +47,8 @@ UNET_ZERO = ("conv2", "conv_out", "proj_out", "to_out.0")  # residual branches a
 
 
 def text_encoder_folder(run: Path) -> Path:
-    """The text encoder the UNets read: the teacher's, trained with it from the CLIP stage's."""
+    """The text encoder the UNets read: the teacher's (the CLIP stage's, trained on with the UNet
+    when the teacher's `text_layers` > 0)."""
     return Path(run) / "teacher" / "text_encoder"
 
 
@@ -183,7 +184,8 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     def on_preview(step: int) -> None:
         shadow = Conditioned(UNet(sizes.unet), load_text_encoder(clip_text), hyper.text_layers)
         shadow.load_state_dict(ema.shadow)
-        preview(shadow.unet, data, "linspace", 20, GUIDANCE, out / "samples" / f"teacher-{step:05d}.png", text=shadow.text)
+        path = out / "samples" / f"teacher-{step:05d}.png"
+        preview(shadow.unet, data, "linspace", 20, GUIDANCE, path, text=shadow.text)
 
     if stage.main:
         tuned = sum(p.numel() for p in joint.text.parameters() if p.requires_grad)
