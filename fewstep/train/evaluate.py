@@ -69,7 +69,7 @@ def preview(unet: torch.nn.Module, data, spacing: str, steps: int, guidance: flo
     from ..shapes.caption import sample_prompts
     from ..shapes.render import contact_sheet
     from .export import scheduler_json
-    text = (text or data.text).eval()
+    text = (data.text if text is None else text).eval()
     pipe = Pipeline(unet=unet.eval(), vae=data.vae, text_encoders=[text], tokenizers=[data.tokenizer],
                     scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
                     defaults=Defaults(steps=steps, guidance=guidance))
