@@ -22,12 +22,12 @@ import fewstep
 from fewstep.errors import FewstepError
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ("clip", "vae", "teacher", "student")
+TRAINED = ("clip", "vae", "teacher", "refine", "student")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The whole tiny recipe, once: tokenizer, CLIP, VAE, teacher, student, export."""
+    """The whole tiny recipe, once: tokenizer, CLIP, VAE, teacher, refine, student, export."""
     from fewstep.train.recipe import run_all
     out = tmp_path_factory.mktemp("train") / "run"
     report = run_all(out, tiny=True, seed=0)
@@ -36,14 +36,16 @@ def run(tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(run):
     out, report = run
-    assert list(report) == ["tokenizer", "clip", "vae", "teacher", "student", "export"]
+    assert list(report) == ["tokenizer", "clip", "vae", "teacher", "refine", "student", "export"]
     for path in ("tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
                  "tokenizer/special_tokens_map.json", "clip/text_encoder/model.safetensors",
                  "clip/image_tower.safetensors", "vae/diffusion_pytorch_model.safetensors",
                  "teacher/unet/diffusion_pytorch_model.safetensors", "teacher/text_encoder/model.safetensors",
+                 "refine/unet/diffusion_pytorch_model.safetensors", "refine/text_encoder/model.safetensors",
                  "student/unet/diffusion_pytorch_model.safetensors",
                  "shapes-teacher/model_index.json", "shapes-turbo/fewstep.json", "report.json",
-                 "samples/teacher-00006.png", "samples/student-00006.png"):
+                 "samples/teacher-00006.png", "samples/refine-00006.png",
+                 "samples/student-00006.png"):
         assert (out / path).is_file(), path
     for stage in TRAINED:
         rows = [json.loads(line) for line in (out / "logs" / f"{stage}.jsonl").read_text().splitlines()]
@@ -58,25 +60,31 @@ def test_every_stage_writes_its_outputs(run):
     assert {v.dtype for v in weights.values()} == {torch.float16}
 
 
-def test_student_starts_from_teacher_and_moves(run):
+@pytest.mark.parametrize("stage,start", [("refine", "teacher"), ("student", "refine")])
+def test_stage_starts_from_the_last_and_moves(run, stage, start):
+    """refine fine-tunes the teacher, the student is distilled from the refined teacher: each starts
+    from the earlier UNet (6 small steps away), not re-initialised."""
     out, _ = run
-    teacher = load_file(out / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
-    student = load_file(out / "student" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert teacher.keys() == student.keys()
-    diffs = [float((teacher[k] - student[k]).abs().max()) for k in teacher]
-    assert 0 < max(diffs) < 0.05  # distilled for 6 small steps from the teacher, not re-initialised
+    before = load_file(out / start / "unet" / "diffusion_pytorch_model.safetensors")
+    after = load_file(out / stage / "unet" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys()
+    assert 0 < max(float((before[k] - after[k]).abs().max()) for k in before) < 0.05
 
 
-def test_teacher_text_encoder_ships(run):
-    """The recipe's teacher keeps the CLIP stage's text encoder frozen (text_layers = 0): its copy in
-    OUT/teacher/text_encoder equals the CLIP's, and both exported folders carry it (fp16)."""
+def test_refined_text_encoder_ships(run):
+    """The recipe's teacher keeps the CLIP stage's text encoder frozen (its copy in OUT/teacher equals
+    the CLIP's); refine tunes exactly its last layer (tiny: text_layers 1) and final LayerNorm, and
+    both exported folders carry the refined one (fp16)."""
     out, _ = run
     clip = load_file(out / "clip" / "text_encoder" / "model.safetensors")
     teacher = load_file(out / "teacher" / "text_encoder" / "model.safetensors")
     assert clip.keys() == teacher.keys() and all(torch.equal(clip[k], teacher[k]) for k in clip)
+    refined = load_file(out / "refine" / "text_encoder" / "model.safetensors")
+    moved = {k for k in clip if not torch.equal(clip[k], refined[k])}
+    assert moved == {k for k in clip if k.startswith(("text_model.encoder.layers.1.", "text_model.final_layer_norm."))}
     for folder in ("shapes-teacher", "shapes-turbo"):
         shipped = load_file(out / folder / "text_encoder" / "model.safetensors")
-        assert all(torch.equal(shipped[k], teacher[k].half()) for k in teacher), folder
+        assert all(torch.equal(shipped[k], refined[k].half()) for k in refined), folder
 
 
 def test_teacher_options_tune_text_layers(run, tmp_path):
@@ -97,6 +105,46 @@ def test_teacher_options_tune_text_layers(run, tmp_path):
     plain = load_file(run[0] / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
     unet = load_file(out / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(plain[k], unet[k]) for k in plain)  # the options changed the training
+
+
+def test_teacher_fine_tunes_from_init(run, tmp_path):
+    """--init DIR: the teacher starts from DIR's UNet and text encoder (a tuned one's frozen layers feed
+    the data worker), so a few small steps stay near them; a folder with no teacher is a one-line error."""
+    from fewstep.train.recipe import run_stage
+    out = tmp_path / "run"
+    for part in ("tokenizer", "clip", "vae"):
+        shutil.copytree(run[0] / part, out / part)
+    run_stage("teacher", out, tiny=True, text_layers=1)
+    init = tmp_path / "init"
+    shutil.move(out / "teacher", init)
+    shutil.rmtree(out / "checkpoints")
+    run_stage("teacher", out, tiny=True, text_layers=1, init=str(init), lr=1e-6)
+    for part, name in (("unet", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        start = load_file(init / part / f"{name}.safetensors")
+        tuned = load_file(out / "teacher" / part / f"{name}.safetensors")
+        assert start.keys() == tuned.keys()
+        assert 0 < max(float((start[k] - tuned[k]).abs().max()) for k in start) < 1e-4, part
+    clip = load_file(out / "clip" / "text_encoder" / "model.safetensors")  # init's own text encoder was read:
+    from_clip = max(float((clip[k] - tuned[k]).abs().max()) for k in clip)  # the tuned one is far nearer to it
+    assert from_clip > 10 * max(float((start[k] - tuned[k]).abs().max()) for k in start)
+    with pytest.raises(FewstepError, match="no trained teacher"):
+        run_stage("teacher", out, tiny=True, init=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("tuned", [0, 1, 2])
+def test_text_split_equals_the_whole_encoder(run, tuned):
+    """The data worker's frozen prefix (first n - k layers) then Conditioned.context (last k layers
+    and the final LayerNorm) is exactly the text encoder's last hidden state."""
+    from fewstep.loading import load_text_encoder
+    from fewstep.tokenizer import CLIPTokenizer
+    from fewstep.train.teacher import Conditioned, text_prefix
+    text = load_text_encoder(run[0] / "clip" / "text_encoder")
+    ids = CLIPTokenizer.from_folder(run[0] / "tokenizer")(PROMPTS)
+    joint = Conditioned(torch.nn.Identity(), text, tuned)
+    with torch.no_grad():
+        split = joint.context(text_prefix(text, ids, joint.start))
+        assert torch.equal(split, text(ids).last_hidden_state)
+    assert joint.start == 2 - tuned and any(p.requires_grad for p in text.parameters()) == (tuned > 0)
 
 
 def test_offset_noise():
@@ -176,7 +224,8 @@ def test_resume_replays_the_straight_run(run, tmp_path):
     assert strip(log_a) == strip(log_b) and len(log_b) == 3
 
 
-@pytest.mark.parametrize("stage,inputs", [("vae", ("tokenizer",)), ("student", ("tokenizer", "clip", "vae", "teacher"))])
+@pytest.mark.parametrize("stage,inputs", [("vae", ("tokenizer",)),
+                                          ("student", ("tokenizer", "clip", "vae", "refine"))])
 def test_two_processes(run, tmp_path, stage, inputs):
     """A stage data-parallel over 2 CPU processes (gloo) through `accelerate launch` (the student:
     two prepared models, the generator step through the unwrapped discriminator)."""
@@ -220,7 +269,10 @@ def test_cli_parses_and_rejects():
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--steps", "5"]))
     a = parser.parse_args(["train", "teacher", "--out", "x", "--text-layers", "2", "--offset-noise", "0.1"])
     assert (a.text_layers, a.offset_noise) == (2, 0.1)
-    with pytest.raises(FewstepError, match="options of the teacher stage"):
+    assert parser.parse_args(["train", "teacher", "--out", "x", "--init", "runs/a/teacher"]).init == "runs/a/teacher"
+    with pytest.raises(FewstepError, match="options of the teacher and refine stages"):
+        cmd_train(parser.parse_args(["train", "vae", "--out", "x", "--init", "runs/a/teacher"]))
+    with pytest.raises(FewstepError, match="options of the teacher and refine stages"):
         cmd_train(parser.parse_args(["train", "student", "--out", "x", "--offset-noise", "0.1"]))
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--text-layers", "1"]))

@@ -127,14 +127,17 @@ class CLIPTextModel(nn.Module):
 
     fix_keys = staticmethod(fix_transformers_keys)  # used by fewstep.weights.build before its key check
 
+    def run_layers(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Hidden states [B, L, D] through encoder layers [start:stop] (a part of forward, for
+        training only some of them)."""
+        for layer in self.text_model.encoder.layers[start:stop]:
+            x = layer(x)
+        return x
+
     def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
         tm = self.text_model
-        x = tm.embeddings(input_ids)  # [B, L, D]
-        *head, last = tm.encoder.layers
-        for layer in head:
-            x = layer(x)
-        penultimate = x
-        x = tm.final_layer_norm(last(x))
+        penultimate = self.run_layers(tm.embeddings(input_ids), 0, -1)  # [B, L, D]
+        x = tm.final_layer_norm(self.run_layers(penultimate, -1))
         pooled = x[torch.arange(x.shape[0], device=x.device), self.eos_positions(input_ids)]  # [B, D]
         text_embeds = self.text_projection(pooled) if self.text_projection is not None else None
         return CLIPTextOutput(x, penultimate, pooled, text_embeds)

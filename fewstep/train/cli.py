@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "student", "export", "all")
+STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "refine", "student", "export", "all")
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -39,6 +39,9 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="teacher: train the text encoder's last N layers with the UNet (default 0: frozen CLIP)")
     p.add_argument("--offset-noise", type=float, default=None,
                    help="teacher: offset-noise std, a per-image per-channel constant added to the noise (default 0)")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="teacher: fine-tune the trained teacher in DIR (its unet/ and text_encoder/, e.g. "
+                   "runs/shapes/teacher) instead of starting from random weights")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
@@ -54,16 +57,16 @@ def cmd_train(a: argparse.Namespace) -> None:
     from ..errors import FewstepError
     from .recipe import run_all, run_stage
     if a.stage == "all":
-        if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise)):
-            raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise apply to one stage; "
+        if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init)):
+            raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init apply to one stage; "
                                "with 'all' use --scale")
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
                 "stop_at": a.stop_at}
-        teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise}
-        if a.stage != "teacher" and any(v is not None for v in teacher_only.values()):
-            raise FewstepError("--text-layers and --offset-noise are options of the teacher stage")
+        teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise, "init": a.init}
+        if a.stage not in ("teacher", "refine") and any(v is not None for v in teacher_only.values()):
+            raise FewstepError("--text-layers, --offset-noise and --init are options of the teacher and refine stages")
         over.update(teacher_only)
         if a.stage in ("tokenizer", "export"):
             over = {}

@@ -1,4 +1,4 @@
-"""Stage 5: the student, distilled from the teacher to 1-4 steps by Adversarial Diffusion
+"""Stage 6: the student, distilled from the (refined) teacher to 1-4 steps by Adversarial Diffusion
 Distillation (Sauer et al. 2023, "Adversarial Diffusion Distillation", the SD-/SDXL-Turbo recipe).
 
 The student starts as a copy of the teacher and is trained at the four trailing timesteps
@@ -36,7 +36,7 @@ from ..schedules import alphas_cumprod
 from .common import EMA, batches, generator, set_lr, warmup_lr
 from .loop import Hyper, Stage
 from .sizes import Sizes
-from .teacher import GUIDANCE, LatentData, diffuse, text_encoder_folder
+from .teacher import GUIDANCE, LatentData, diffuse, teacher_folder, text_encoder_folder
 
 STUDENT_TIMESTEPS = (999, 749, 499, 249)  # trailing spacing of 4 steps: what the exported scheduler uses
 STUDENT_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # one step (t = 999) is the shipped default, so it is drawn most
@@ -188,16 +188,16 @@ def student_timesteps(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, disc_lr: float = 1e-4) -> dict:
-    """ADD from OUT/teacher/unet; writes the student's EMA weights to OUT/student/unet/ and returns
-    a quick 1-step accuracy check (full size only)."""
+    """ADD from the final teacher (OUT/refine/unet); writes the student's EMA weights to
+    OUT/student/unet/ and returns a quick 1-step accuracy check (full size only)."""
     from ..loading import load_unet
     from .evaluate import finish_unet, preview
     out = Path(out)
     stage = Stage("student", out, hyper, seed)
     data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0,
                       text_folder=text_encoder_folder(out))
-    teacher = load_unet(out / "teacher" / "unet")
-    student = load_unet(out / "teacher" / "unet").train().requires_grad_(True)
+    teacher = load_unet(teacher_folder(out) / "unet")
+    student = load_unet(teacher_folder(out) / "unet").train().requires_grad_(True)
     torch.manual_seed(seed)
     disc = Discriminator(feature_channels(teacher), data.text.cfg.hidden_size)
     with torch.no_grad():
@@ -205,7 +205,7 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     add = ADD(stage, teacher, student, disc, empty, disc_lr)
     start = stage.restore(resume)
     def on_preview(step: int) -> None:
-        unet = load_unet(out / "teacher" / "unet")
+        unet = load_unet(teacher_folder(out) / "unet")
         unet.load_state_dict(add.ema.shadow)
         preview(unet, data, "trailing", 1, 0.0, out / "samples" / f"student-{step:05d}.png")
 

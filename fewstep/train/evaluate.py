@@ -16,15 +16,17 @@ from ..evaluation import generate
 from ..pipeline import Defaults, Pipeline
 
 
-def run_pipeline(run: Path, unet_folder: Path, spacing: str, steps: int, guidance: float) -> Pipeline:
-    """An in-memory fp32 pipeline from a run folder's components (before export)."""
+def run_pipeline(run: Path, unet_folder: Path, spacing: str, steps: int, guidance: float,
+                 text_folder: Path | None = None) -> Pipeline:
+    """An in-memory fp32 pipeline from a run folder's components (before export); the text encoder
+    from `text_folder`, by default the final teacher's."""
     from ..loading import load_autoencoder, load_text_encoder, load_unet
     from ..tokenizer import CLIPTokenizer
     from .export import scheduler_json
     from .teacher import text_encoder_folder
     run = Path(run)
     return Pipeline(unet=load_unet(unet_folder), vae=load_autoencoder(run / "vae"),
-                    text_encoders=[load_text_encoder(text_encoder_folder(run))],
+                    text_encoders=[load_text_encoder(text_folder or text_encoder_folder(run))],
                     tokenizers=[CLIPTokenizer.from_folder(run / "tokenizer")],
                     scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
                     defaults=Defaults(steps=steps, guidance=guidance), name=Path(unet_folder).parent.name)
@@ -52,9 +54,10 @@ def evaluate(pipe: Pipeline, n: int = 200, seed: int = 0, clip_folder: Path | No
     return result
 
 
-def quick_check(run: Path, unet_folder: Path, spacing: str, steps: int, guidance: float, n: int, sheet: Path) -> dict:
+def quick_check(run: Path, unet_folder: Path, spacing: str, steps: int, guidance: float, n: int, sheet: Path,
+                text_folder: Path | None = None) -> dict:
     """A stage's closing check on n eval prompts (printed, and kept in the recipe's report)."""
-    pipe = run_pipeline(run, unet_folder, spacing, steps, guidance)
+    pipe = run_pipeline(run, unet_folder, spacing, steps, guidance, text_folder)
     result = evaluate(pipe, n, sheet=sheet)
     print(f"{pipe.name}: {steps} steps, guidance {guidance}: accuracy one {result['one']:.3f} two {result['two']:.3f} "
           f"all {result['all']:.3f}; contact sheet {sheet}", flush=True)
@@ -79,12 +82,12 @@ def preview(unet: torch.nn.Module, data, spacing: str, steps: int, guidance: flo
 
 
 def finish_unet(run: Path, name: str, unet: torch.nn.Module, sizes, spacing: str, steps: int, guidance: float,
-                n: int) -> dict:
+                n: int, text_folder: Path | None = None) -> dict:
     """A UNet stage's end: its (EMA) weights to OUT/NAME/unet/ (fp32), then a quick check on n eval
-    prompts (full size only: the evaluator reads 128x128 scenes)."""
+    prompts with `text_folder`'s text encoder (full size only: the evaluator reads 128x128 scenes)."""
     from .export import save_unet
     save_unet(Path(run) / name / "unet", unet)
     if sizes.image < 128:
         return {}
     return {"check": quick_check(run, Path(run) / name / "unet", spacing, steps, guidance, n,
-                                 Path(run) / "samples" / f"{name}-stage.png")}
+                                 Path(run) / "samples" / f"{name}-stage.png", text_folder)}

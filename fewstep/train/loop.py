@@ -36,6 +36,7 @@ class Hyper:
     preview_every: int = 0  # write OUT/samples/STAGE-STEP.png every so many steps (0: never)
     text_layers: int = 0  # teacher: the text encoder's last layers trained with the UNet (0: frozen CLIP)
     offset_noise: float = 0.0  # teacher: std of the per-image, per-channel constant added to the noise
+    init: str | None = None  # teacher: start from this trained teacher (its unet/ and text_encoder/), not random
 
 
 class LossLog:

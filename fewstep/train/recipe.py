@@ -1,13 +1,14 @@
 """The whole shapes-turbo recipe, in order, from nothing to two shippable folders:
 
-    tokenizer -> clip -> vae -> teacher -> student -> export (+ evaluation)
+    tokenizer -> clip -> vae -> teacher -> refine -> student -> export (+ evaluation)
 
 1. a CLIP-style BPE tokenizer learned on captions (seconds);
 2. a tiny CLIP trained contrastively; its text transformer is frozen from here on;
 3. a KL autoencoder, 128x128x3 <-> 16x16x4;
 4. the teacher: a latent DDPM UNet with classifier-free guidance and EMA;
-5. the student: adversarial diffusion distillation of the teacher to 1-4 steps;
-6. export: OUT/shapes-teacher and OUT/shapes-turbo (diffusers layout, fp16), then both are scored
+5. refine: the teacher fine-tuned with the text encoder's last two layers and offset noise;
+6. the student: adversarial diffusion distillation of the refined teacher to 1-4 steps;
+7. export: OUT/shapes-teacher and OUT/shapes-turbo (diffusers layout, fp16), then both are scored
    with the shapes evaluator; the numbers go to OUT/report.json.
 
 Every stage reads what the earlier ones wrote under OUT and is resumable (`resume=True` continues a
@@ -25,9 +26,10 @@ from .loop import Hyper
 from .sizes import SETTINGS, sizes
 from .teacher import GUIDANCE
 
-STAGES = ("tokenizer", "clip", "vae", "teacher", "student", "export")
+STAGES = ("tokenizer", "clip", "vae", "teacher", "refine", "student", "export")
 OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model.safetensors",
            "vae": "vae/diffusion_pytorch_model.safetensors", "teacher": "teacher/unet/diffusion_pytorch_model.safetensors",
+           "refine": "refine/unet/diffusion_pytorch_model.safetensors",
            "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
 TEACHER_DEFAULTS = {"steps": 25, "guidance": GUIDANCE}
 # 4 steps: the shipped student scored 57% one-object at 4 steps vs 21% at 1 (200 eval prompts)
@@ -71,9 +73,9 @@ def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: 
 def _require(out: Path, stage: str) -> None:
     """The outputs of the earlier stages this one reads, or a one-line error naming the stage to run."""
     from ..errors import FewstepError
-    needs = {"tokenizer": (), "clip": ("tokenizer",), "vae": (), "teacher": ("tokenizer", "clip", "vae"),
-             "student": ("tokenizer", "clip", "vae", "teacher"), "export": ("tokenizer", "clip", "vae", "teacher",
-                                                                          "student")}
+    base = ("tokenizer", "clip", "vae")
+    needs = {"tokenizer": (), "clip": ("tokenizer",), "vae": (), "teacher": base, "refine": (*base, "teacher"),
+             "student": (*base, "refine"), "export": (*base, "refine", "student")}
     for earlier in needs[stage]:
         if not (out / OUTPUTS[earlier]).is_file():
             raise FewstepError(f"stage '{stage}' needs {out / OUTPUTS[earlier]}: run `fewstep train {earlier} "
@@ -90,6 +92,9 @@ def _trainer(stage: str):
     if stage == "teacher":
         from .teacher import train_teacher
         return train_teacher
+    if stage == "refine":
+        from .teacher import refine_teacher
+        return refine_teacher
     from .distill import train_student
     return train_student
 
@@ -99,7 +104,8 @@ def export_and_score(out: Path, tiny: bool, n: int) -> dict:
     from .. import load
     from .evaluate import evaluate
     from .export import export_pipeline, folder_megabytes
-    folders = {"teacher": export_pipeline(out, out / "teacher" / "unet", out / "shapes-teacher", "linspace",
+    from .teacher import teacher_folder
+    folders = {"teacher": export_pipeline(out, teacher_folder(out) / "unet", out / "shapes-teacher", "linspace",
                                           TEACHER_DEFAULTS),
                "student": export_pipeline(out, out / "student" / "unet", out / "shapes-turbo", "trailing",
                                           STUDENT_DEFAULTS)}

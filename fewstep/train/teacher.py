@@ -8,26 +8,33 @@ works, and an EMA of the weights as the model. The loss is weighted by min-SNR-5
 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), which converges several
 times faster than the plain epsilon loss: the budget here is an hour of CPU.
 
-Two options (Hyper.text_layers, Hyper.offset_noise; off in the shipped recipe, see
-docs/SHAPES.md for what they did), both for what the frozen-CLIP teacher gets wrong:
+Stage 5, refine, is this same training continued from the teacher (`init`) for 1,000 steps at
+3e-4 (the teacher's peak is 5e-4) with the two options below on: trained from the start with
+them, the teacher lost its positions (docs/SHAPES.md); after it has learned places, they keep
+them and lift colour binding. Three options (Hyper.text_layers, Hyper.offset_noise, Hyper.init), for what the
+frozen-CLIP teacher gets wrong:
 - `text_layers` = k: the text encoder's last k layers (and final LayerNorm) train with the UNet,
   from the CLIP stage's weights, as LDM's text-to-image models trained their text transformer
   with the UNet (Rombach et al. 2022, sec. 4.3.1): a contrastive CLIP need not keep which colour
   goes with which shape (its in-batch negatives rarely differ only in that), and the UNet's loss
   asks for exactly that. The frozen layers run in the data worker: tuning all four costs 0.35 s
-  per step of one core (the whole step is ~0.7 s). The teacher's text encoder
-  (OUT/teacher/text_encoder, a copy of the CLIP's when k = 0) is the model's: the student and the
-  exported folders use it; the CLIP stage's stays the CLIP-score model.
+  per step of one core (the whole step is ~0.7 s). Each stage writes its text encoder beside its
+  UNet (OUT/teacher/text_encoder is a copy of the CLIP's, k = 0); the refined one is the model's:
+  the student and the exported folders use it; the CLIP stage's stays the CLIP-score model.
 - `offset_noise` = s (Guttenberg 2023, "Diffusion with Offset Noise"): the training noise gets a
   per-image, per-channel constant of std s. With SD's schedule the last timestep keeps 7% of the
   latent, and these scenes' latents are mostly one flat background: the mean of x_T gives the
   background colour away, so a model trained on it follows the mean of the *sampling* noise, not
   the prompt (measured: removing the noise's mean at sampling lifted the frozen-CLIP teacher's
   one-object accuracy from 82% to 93% on 28 prompts).
+- `init` = a trained teacher's folder (its unet/ and, when present, text_encoder/): fine-tune it
+  instead of starting from random weights (`fewstep train teacher --init DIR`; refine's default is
+  OUT/teacher).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,19 +53,20 @@ MIN_SNR_GAMMA = 5.0
 UNET_ZERO = ("conv2", "conv_out", "proj_out", "to_out.0")  # residual branches and the output start at 0
 
 
+def teacher_folder(run: Path) -> Path:
+    """The final teacher (after the refine stage): the one the student learns from and that ships."""
+    return Path(run) / "refine"
+
+
 def text_encoder_folder(run: Path) -> Path:
-    """The text encoder the UNets read: the teacher's (the CLIP stage's, trained on with the UNet
-    when the teacher's `text_layers` > 0)."""
-    return Path(run) / "teacher" / "text_encoder"
+    """The text encoder the UNets read: the final teacher's (the CLIP stage's, its last layers
+    trained on with the UNet in the refine stage)."""
+    return teacher_folder(run) / "text_encoder"
 
 
 def text_prefix(text: nn.Module, ids: torch.Tensor, layers: int) -> torch.Tensor:
     """A CLIPTextModel's first `layers` layers (after the token and position embeddings)."""
-    tm = text.text_model
-    x = tm.embeddings(ids)
-    for layer in tm.encoder.layers[:layers]:
-        x = layer(x)
-    return x
+    return text.run_layers(text.text_model.embeddings(ids), 0, layers)
 
 
 class LatentData:
@@ -111,10 +119,7 @@ class Conditioned(nn.Module):
                 module.requires_grad_(True)
 
     def context(self, hidden: torch.Tensor) -> torch.Tensor:
-        tm = self.text.text_model
-        for layer in tm.encoder.layers[self.start:]:
-            hidden = layer(hidden)
-        return tm.final_layer_norm(hidden)
+        return self.text.text_model.final_layer_norm(self.text.run_layers(hidden, self.start))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, self.context(hidden))
@@ -138,6 +143,14 @@ def training_noise(shape: tuple[int, ...], g: torch.Generator, offset: float) ->
     return torch.randn(shape, generator=g) + offset * torch.randn((*shape[:2], 1, 1), generator=g)
 
 
+def _init_folder(init: str | Path, part: str, weights: str) -> Path:
+    from ..errors import FewstepError
+    folder = Path(init) / part
+    if not (folder / weights).is_file():
+        raise FewstepError(f"--init {init}: no trained teacher there (expected {folder / weights})")
+    return folder
+
+
 def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """min-SNR-weighted epsilon loss at uniform timesteps (noise with `offset`), and the plain per-sample
     MSE (for the log). `model(x_t, t, hidden)` is a `Conditioned`."""
@@ -149,20 +162,26 @@ def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0) -> tup
     return (per_sample * min_snr_weight(t, ac)).mean(), per_sample.mean()
 
 
-def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) -> dict:
-    """Train the teacher and its text encoder; writes their EMA weights to OUT/teacher/unet/ and
-    OUT/teacher/text_encoder/ (diffusers / transformers layout, fp32) and returns a quick accuracy
-    check (full size only: the evaluator needs 128x128 scenes)."""
-    from ..loading import load_text_encoder
+def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, name: str = "teacher") -> dict:
+    """Train the teacher (stage `name`) and its text encoder; writes their EMA weights to OUT/NAME/unet/
+    and OUT/NAME/text_encoder/ (diffusers / transformers layout, fp32) and returns a quick accuracy
+    check (full size only: the evaluator needs 128x128 scenes). From random weights and the CLIP
+    stage's text encoder, or with `hyper.init` from a trained teacher's folder."""
+    from ..loading import load_text_encoder, load_unet
     from .evaluate import finish_unet, preview
     from .export import TRAIN_SCHEDULE
     out = Path(out)
-    stage = Stage("teacher", out, hyper, seed)
-    clip_text = out / "clip" / "text_encoder"
+    stage = Stage(name, out, hyper, seed)
+    text = out / "clip" / "text_encoder"
     torch.manual_seed(seed)
     unet = init_weights(UNet(sizes.unet), zero=UNET_ZERO)
-    joint = Conditioned(unet, load_text_encoder(clip_text).train(), hyper.text_layers)
-    data = LatentData(out, "teacher", sizes, seed, stage.per_process, stage.rank, CAPTION_DROPOUT, clip_text,
+    if hyper.init is not None:  # fine-tune a trained teacher (and its text encoder, when it has one)
+        unet = load_unet(_init_folder(hyper.init, "unet", "diffusion_pytorch_model.safetensors"))
+        unet.requires_grad_(True).train()
+        if (Path(hyper.init) / "text_encoder" / "config.json").is_file():
+            text = Path(hyper.init) / "text_encoder"
+    joint = Conditioned(unet, load_text_encoder(text).train(), hyper.text_layers)
+    data = LatentData(out, name, sizes, seed, stage.per_process, stage.rank, CAPTION_DROPOUT, text,
                       prefix=joint.start)
     opt = torch.optim.AdamW([p for p in joint.parameters() if p.requires_grad], lr=hyper.lr, weight_decay=0.01)
     model, opt = stage.accel.prepare(joint, opt)
@@ -182,20 +201,30 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
         return {"loss": loss.item(), "mse": mse.item()}
 
     def on_preview(step: int) -> None:
-        shadow = Conditioned(UNet(sizes.unet), load_text_encoder(clip_text), hyper.text_layers)
+        shadow = Conditioned(UNet(sizes.unet), load_text_encoder(text), hyper.text_layers)
         shadow.load_state_dict(ema.shadow)
-        path = out / "samples" / f"teacher-{step:05d}.png"
+        path = out / "samples" / f"{name}-{step:05d}.png"
         preview(shadow.unet, data, "linspace", 20, GUIDANCE, path, text=shadow.text)
 
     if stage.main:
         tuned = sum(p.numel() for p in joint.text.parameters() if p.requires_grad)
-        print(f"teacher: UNet {count(unet) / 1e6:.2f}M parameters, text encoder {tuned / 1e6:.2f}M of "
+        print(f"{name}: UNet {count(unet) / 1e6:.2f}M parameters, text encoder {tuned / 1e6:.2f}M of "
               f"{count(joint.text) / 1e6:.2f}M tuned", flush=True)
     done = stage.run(batches(data, start, hyper.steps, hyper.workers), step_fn, on_preview)
     if done and stage.main:
         from .export import save_text_encoder
         trained = stage.accel.unwrap_model(model)
         trained.load_state_dict(ema.shadow)
-        save_text_encoder(text_encoder_folder(out), trained.text, clip_text)
-        return finish_unet(out, "teacher", trained.unet, sizes, "linspace", 20, GUIDANCE, 64)
+        save_text_encoder(out / name / "text_encoder", trained.text, text)
+        return finish_unet(out, name, trained.unet, sizes, "linspace", 20, GUIDANCE, 64, out / name / "text_encoder")
     return {}
+
+
+def refine_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) -> dict:
+    """Stage 5, refine: fine-tune the teacher (OUT/teacher) with the text encoder's last layers and
+    offset noise (recipe settings), into OUT/refine — the teacher the student learns from and that
+    ships. See docs/SHAPES.md: tuning these from the start cost the teacher its positions; tuning
+    them after it has learned places keeps them (36/36 in the position test) and lifts colour binding."""
+    if hyper.init is None:
+        hyper = replace(hyper, init=str(Path(out) / "teacher"))
+    return train_teacher(out, sizes, hyper, seed, resume, name="refine")
