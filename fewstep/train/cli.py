@@ -40,7 +40,7 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-noise", type=float, default=None,
                    help="teacher: offset-noise std, a per-image per-channel constant added to the noise (default 0)")
     p.add_argument("--init", default=None, metavar="DIR",
-                   help="teacher: fine-tune the trained teacher in DIR (its unet/ and text_encoder/, e.g. "
+                   help="teacher, refine: fine-tune the trained teacher in DIR (its unet/ and text_encoder/, e.g. "
                    "runs/shapes/teacher) instead of starting from random weights")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")

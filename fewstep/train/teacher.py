@@ -11,8 +11,8 @@ times faster than the plain epsilon loss: the budget here is an hour of CPU.
 Stage 5, refine, is this same training continued from the teacher (`init`) for 1,000 steps at
 3e-4 (the teacher's peak is 5e-4) with the two options below on: trained from the start with
 them, the teacher lost its positions (docs/SHAPES.md); after it has learned places, they keep
-them and lift colour binding. Three options (Hyper.text_layers, Hyper.offset_noise, Hyper.init), for what the
-frozen-CLIP teacher gets wrong:
+them and lift colour binding. Three options (Hyper.text_layers, Hyper.offset_noise,
+Hyper.init), for what the frozen-CLIP teacher gets wrong:
 - `text_layers` = k: the text encoder's last k layers (and final LayerNorm) train with the UNet,
   from the CLIP stage's weights, as LDM's text-to-image models trained their text transformer
   with the UNet (Rombach et al. 2022, sec. 4.3.1): a contrastive CLIP need not keep which colour
