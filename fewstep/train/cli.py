@@ -48,7 +48,7 @@ def _args(p: argparse.ArgumentParser) -> None:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train the built-in shapes-turbo model (tokenizer, CLIP, VAE, "
-                              "teacher, ADD student) from scratch")
+                              "teacher, refine, ADD student) from scratch")
     _args(p)
     return p
 
