@@ -143,12 +143,16 @@ def training_noise(shape: tuple[int, ...], g: torch.Generator, offset: float) ->
     return torch.randn(shape, generator=g) + offset * torch.randn((*shape[:2], 1, 1), generator=g)
 
 
-def _init_folder(init: str | Path, part: str, weights: str) -> Path:
+def _trained_teacher(init: str | Path) -> tuple[UNet, Path | None]:
+    """`init`'s UNet (trainable) and its text encoder folder, when it has one."""
     from ..errors import FewstepError
-    folder = Path(init) / part
-    if not (folder / weights).is_file():
-        raise FewstepError(f"--init {init}: no trained teacher there (expected {folder / weights})")
-    return folder
+    from ..loading import load_unet
+    init = Path(init)
+    weights = init / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise FewstepError(f"--init {init}: no trained teacher there (expected {weights})")
+    text = init / "text_encoder"
+    return load_unet(init / "unet").requires_grad_(True).train(), text if (text / "config.json").is_file() else None
 
 
 def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,19 +171,18 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     and OUT/NAME/text_encoder/ (diffusers / transformers layout, fp32) and returns a quick accuracy
     check (full size only: the evaluator needs 128x128 scenes). From random weights and the CLIP
     stage's text encoder, or with `hyper.init` from a trained teacher's folder."""
-    from ..loading import load_text_encoder, load_unet
+    from ..loading import load_text_encoder
     from .evaluate import finish_unet, preview
     from .export import TRAIN_SCHEDULE
     out = Path(out)
     stage = Stage(name, out, hyper, seed)
     text = out / "clip" / "text_encoder"
     torch.manual_seed(seed)
-    unet = init_weights(UNet(sizes.unet), zero=UNET_ZERO)
-    if hyper.init is not None:  # fine-tune a trained teacher (and its text encoder, when it has one)
-        unet = load_unet(_init_folder(hyper.init, "unet", "diffusion_pytorch_model.safetensors"))
-        unet.requires_grad_(True).train()
-        if (Path(hyper.init) / "text_encoder" / "config.json").is_file():
-            text = Path(hyper.init) / "text_encoder"
+    if hyper.init is None:
+        unet = init_weights(UNet(sizes.unet), zero=UNET_ZERO)
+    else:  # fine-tune a trained teacher (and its text encoder, when it has one)
+        unet, own_text = _trained_teacher(hyper.init)
+        text = own_text or text
     joint = Conditioned(unet, load_text_encoder(text).train(), hyper.text_layers)
     data = LatentData(out, name, sizes, seed, stage.per_process, stage.rank, CAPTION_DROPOUT, text,
                       prefix=joint.start)
@@ -215,8 +218,9 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
         from .export import save_text_encoder
         trained = stage.accel.unwrap_model(model)
         trained.load_state_dict(ema.shadow)
-        save_text_encoder(out / name / "text_encoder", trained.text, text)
-        return finish_unet(out, name, trained.unet, sizes, "linspace", 20, GUIDANCE, 64, out / name / "text_encoder")
+        text_out = out / name / "text_encoder"
+        save_text_encoder(text_out, trained.text, text)
+        return finish_unet(out, name, trained.unet, sizes, "linspace", 20, GUIDANCE, 64, text_out)
     return {}
 
 
