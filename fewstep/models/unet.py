@@ -239,16 +239,25 @@ class UNet(nn.Module):
         add = torch.cat([text_embeds.to(emb.dtype), ids.to(emb.dtype)], dim=-1)  # [B, 1280 + 1536]
         return emb + self.add_embedding(add)
 
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+               ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The first half of `forward`: conv_in, the down blocks, the mid block. Returns the mid block's
+        output, the skips the up path eats, and each down block's output (the features a latent
+        discriminator reads, train/distill.py)."""
+        x = self.conv_in(x)
+        skips, outputs = [x], []  # the down path pushes, the up path pops
+        for block in self.down_blocks:
+            x = block(x, emb, context, skips)
+            outputs.append(x)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context)
+        return x, skips, outputs
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_embed(x, t, text_embeds, time_ids, timestep_cond)
-        x = self.conv_in(x)
-        skips = [x]  # the down path pushes, the up path pops
-        for block in self.down_blocks:
-            x = block(x, emb, context, skips)
-        if self.mid_block is not None:
-            x = self.mid_block(x, emb, context)
+        x, skips, _ = self.encode(x, emb, context)
         for block in self.up_blocks:
             x = block(x, emb, context, skips)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

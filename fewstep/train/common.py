@@ -11,6 +11,7 @@ code data-parallel, each process drawing its own share of the global batch.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -122,6 +123,13 @@ class EMA:
         d = min(self.decay, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
             self.shadow[k].lerp_(v.detach().float(), 1 - d)
+
+    def averaged(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` (same architecture as the averaged one) holding the averaged weights, in
+        eval mode: what previews sample from."""
+        averaged = copy.deepcopy(model).eval().requires_grad_(False)
+        averaged.load_state_dict(self.shadow)
+        return averaged
 
     def state_dict(self) -> dict:
         return dict(self.shadow)

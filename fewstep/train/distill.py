@@ -25,6 +25,7 @@ are computed there (the costly one, through the teacher's encoder, once) and sen
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -46,16 +47,9 @@ ADV_BALANCE = 1.0  # adversarial gradient norm / distillation gradient norm at x
 
 
 def encoder_features(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
-    """The outputs of the UNet's down blocks and mid block (the first half of `UNet.forward`)."""
-    emb = unet.time_embed(x, t, None, None, None)
-    h = unet.conv_in(x)
-    skips, feats = [h], []
-    for block in unet.down_blocks:
-        h = block(h, emb, context, skips)
-        feats.append(h)
-    if unet.mid_block is not None:
-        feats.append(unet.mid_block(h, emb, context))
-    return feats
+    """The outputs of the UNet's down blocks and mid block (`UNet.encode`)."""
+    h, _, feats = unet.encode(x, unet.time_embed(x, t, None, None, None), context)
+    return feats + [h] if unet.mid_block is not None else feats
 
 
 class Head(nn.Module):
@@ -197,7 +191,7 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0,
                       text_folder=text_encoder_folder(out))
     teacher = load_unet(teacher_folder(out) / "unet")
-    student = load_unet(teacher_folder(out) / "unet").train().requires_grad_(True)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
     torch.manual_seed(seed)
     disc = Discriminator(feature_channels(teacher), data.text.cfg.hidden_size)
     with torch.no_grad():
@@ -205,9 +199,7 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     add = ADD(stage, teacher, student, disc, empty, disc_lr)
     start = stage.restore(resume)
     def on_preview(step: int) -> None:
-        unet = load_unet(teacher_folder(out) / "unet")
-        unet.load_state_dict(add.ema.shadow)
-        preview(unet, data, "trailing", 1, 0.0, out / "samples" / f"student-{step:05d}.png")
+        preview(add.ema.averaged(teacher), data, "trailing", 1, 0.0, out / "samples" / f"student-{step:05d}.png")
 
     done = stage.run(batches(data, start, hyper.steps, hyper.workers), add.step, on_preview)
     if done and stage.main:

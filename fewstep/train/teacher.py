@@ -204,8 +204,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
         return {"loss": loss.item(), "mse": mse.item()}
 
     def on_preview(step: int) -> None:
-        shadow = Conditioned(UNet(sizes.unet), load_text_encoder(text), hyper.text_layers)
-        shadow.load_state_dict(ema.shadow)
+        shadow = ema.averaged(stage.accel.unwrap_model(model))
         path = out / "samples" / f"{name}-{step:05d}.png"
         preview(shadow.unet, data, "linspace", 20, GUIDANCE, path, text=shadow.text)
 
