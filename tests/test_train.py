@@ -54,8 +54,10 @@ def test_every_stage_writes_its_outputs(run):
         assert (out / "logs" / f"{stage}.png").stat().st_size > 1000, stage
         assert (out / "checkpoints" / stage / "model.safetensors").is_file(), stage
     assert json.loads((out / "shapes-turbo" / "fewstep.json").read_text()) == {"steps": 4, "guidance": 0.0}
-    assert json.loads((out / "shapes-turbo" / "scheduler" / "scheduler_config.json").read_text())[
-        "timestep_spacing"] == "trailing"
+    for name, spacing, prediction in (("shapes-turbo", "trailing", "v_prediction"),
+                                      ("shapes-teacher", "linspace", "epsilon")):
+        scheduler = json.loads((out / name / "scheduler" / "scheduler_config.json").read_text())
+        assert (scheduler["timestep_spacing"], scheduler["prediction_type"]) == (spacing, prediction), name
     weights = load_file(out / "shapes-turbo" / "unet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in weights.values()} == {torch.float16}
 
@@ -159,6 +161,23 @@ def test_offset_noise():
     assert torch.equal(noise, training_noise((256, 4, 16, 16), generator(7), 0.1))  # seeded: resumable
     plain = training_noise((256, 4, 16, 16), generator(7), 0.0)
     assert torch.equal(plain, torch.randn((256, 4, 16, 16), generator=generator(7)))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_to_x0_inverts_the_forward_process(prediction_type):
+    """The student's x0 from its output: x_t = sqrt(a) x0 + sqrt(1 - a) eps, the UNet's target eps or
+    v = sqrt(a) eps - sqrt(1 - a) x0; to_x0 gives x0 back at every timestep, t = 999 included."""
+    from fewstep.schedules import alphas_cumprod
+    from fewstep.train.distill import to_x0
+    from fewstep.train.export import TRAIN_SCHEDULE
+    from fewstep.train.teacher import diffuse
+    ac = alphas_cumprod(TRAIN_SCHEDULE)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = (torch.randn(5, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t, ac = torch.tensor([0, 249, 499, 749, 999]), ac.double()
+    a = ac[t].view(-1, 1, 1, 1)
+    out = eps if prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    torch.testing.assert_close(to_x0(diffuse(x0, eps, t, ac), out, t, ac, prediction_type), x0, rtol=0, atol=1e-9)
 
 
 PROMPTS = ["a large red circle at the top left", "A small blue square and a Green Triangle on a white background.",

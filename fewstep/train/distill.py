@@ -16,6 +16,13 @@ holds 7% of the data, which a student could learn to lean on. From its one-step 
   classifier-free-guided x0 prediction there as the (stop-gradient) target, squared error weighted
   by c(t) = sqrt(alphas_cumprod[t]) (ADD's "exponential" weighting), lambda = 2.5.
 
+The student predicts v, not epsilon, though it starts as a copy of the epsilon teacher (Salimans & Ho
+2022, "Progressive Distillation", section 4: few-step students need a parameterization whose x0 stays
+stable at low signal-to-noise). From epsilon, x0 = (x - sqrt(1 - a) eps) / sqrt(a), and at t = 999
+sqrt(a) = 0.068, so every error of the UNet reaches the one-step image 15 times larger (the grain of
+the epsilon student's one-step images); from v, x0 = sqrt(a) x - sqrt(1 - a) v takes it at most once.
+The exported student's scheduler says `prediction_type: v_prediction`, which diffusers reads as well.
+
 ADD's fixed lambda balances losses measured in its own units (DINOv2 features, SDXL latents); here
 the scales differ, so the adversarial gradient is rescaled to ADV_BALANCE times the norm of the
 distillation gradient, VQGAN's adaptive weight (Esser et al. 2021, eq. 7), taken at x0_hat rather
@@ -35,6 +42,7 @@ from torch import nn
 
 from ..schedules import alphas_cumprod
 from .common import EMA, batches, generator, set_lr, warmup_lr
+from .export import STUDENT_PREDICTION, TRAIN_SCHEDULE
 from .loop import Hyper, Stage
 from .sizes import Sizes
 from .teacher import GUIDANCE, LatentData, diffuse, teacher_folder, text_encoder_folder
@@ -89,9 +97,13 @@ def feature_channels(unet: nn.Module) -> list[int]:
     return list(cfg.block_out_channels) + ([cfg.block_out_channels[-1]] if cfg.mid_block else [])
 
 
-def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ac: torch.Tensor) -> torch.Tensor:
+def to_x0(x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0 from a UNet's output at x_t: out is epsilon (x0 = (x - sqrt(1 - a) eps) / sqrt(a)) or
+    v (x0 = sqrt(a) x - sqrt(1 - a) v), a = alphas_cumprod[t]."""
     a = ac[t].view(-1, 1, 1, 1)
-    return (x - (1 - a).sqrt() * eps) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * out
+    return (x - (1 - a).sqrt() * out) / a.sqrt()
 
 
 class ADD:
@@ -100,7 +112,6 @@ class ADD:
 
     def __init__(self, stage: Stage, teacher: nn.Module, student: nn.Module, disc: nn.Module, empty: torch.Tensor,
                  disc_lr: float):
-        from .export import TRAIN_SCHEDULE
         self.stage, self.teacher, self.empty, self.disc_lr = stage, teacher, empty, disc_lr  # empty: "" [1, 77, D]
         self.ac = alphas_cumprod(TRAIN_SCHEDULE)
         h, accel = stage.hyper, stage.accel
@@ -117,7 +128,7 @@ class ADD:
         xt = diffuse(x0, noise, t, self.ac)
         uncond, cond = self.teacher(torch.cat([xt, xt]), torch.cat([t, t]),
                                     torch.cat([self.empty.expand_as(context), context])).chunk(2)
-        return x0_from_eps(xt, uncond + GUIDANCE * (cond - uncond), t, self.ac).clamp(-5, 5)
+        return to_x0(xt, uncond + GUIDANCE * (cond - uncond), t, self.ac, "epsilon").clamp(-5, 5)
 
     def generator_grad(self, x0_hat: torch.Tensor, b: dict, g: torch.Generator) -> tuple[torch.Tensor, dict, list]:
         """The gradient at x0_hat (a leaf) of lambda * distillation + w * adversarial, w the adaptive
@@ -160,7 +171,7 @@ class ADD:
         s = student_timesteps(len(b["latents"]), g)
         real = b["latents"] * (s != STUDENT_TIMESTEPS[0]).view(-1, 1, 1, 1)  # pure noise at t = 999
         xs = diffuse(real, torch.randn(real.shape, generator=g), s, self.ac)
-        x0_hat = x0_from_eps(xs, self.model(xs, s, b["context"]), s, self.ac)
+        x0_hat = to_x0(xs, self.model(xs, s, b["context"]), s, self.ac, STUDENT_PREDICTION)
         self.inner_disc.requires_grad_(False)  # the generator step must not touch the discriminator
         grad, logs, (fake, real) = self.generator_grad(x0_hat.detach().requires_grad_(True), b, g)
         self.opt.zero_grad(set_to_none=True)
@@ -186,6 +197,7 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     OUT/student/unet/ and returns a quick 1-step accuracy check (full size only)."""
     from ..loading import load_unet
     from .evaluate import finish_unet, preview
+    from .export import STUDENT_SCHEDULER
     out = Path(out)
     stage = Stage("student", out, hyper, seed)
     data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0,
@@ -199,11 +211,11 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     add = ADD(stage, teacher, student, disc, empty, disc_lr)
     start = stage.restore(resume)
     def on_preview(step: int) -> None:
-        preview(add.ema.averaged(teacher), data, "trailing", 1, 0.0, out / "samples" / f"student-{step:05d}.png")
+        preview(add.ema.averaged(teacher), data, STUDENT_SCHEDULER, 1, 0.0, out / "samples" / f"student-{step:05d}.png")
 
     done = stage.run(batches(data, start, hyper.steps, hyper.workers), add.step, on_preview)
     if done and stage.main:
         student = stage.accel.unwrap_model(add.model)
         student.load_state_dict(add.ema.shadow)
-        return finish_unet(out, "student", student, sizes, "trailing", 1, 0.0, 128)
+        return finish_unet(out, "student", student, sizes, STUDENT_SCHEDULER, 1, 0.0, 128)
     return {}

@@ -16,19 +16,19 @@ from ..evaluation import generate
 from ..pipeline import Defaults, Pipeline
 
 
-def run_pipeline(run: Path, unet_folder: Path, spacing: str, steps: int, guidance: float,
+def run_pipeline(run: Path, unet_folder: Path, scheduler: dict, steps: int, guidance: float,
                  text_folder: Path | None = None) -> Pipeline:
-    """An in-memory fp32 pipeline from a run folder's components (before export); the text encoder
-    from `text_folder`, by default the final teacher's."""
+    """An in-memory fp32 pipeline from a run folder's components (before export), with `scheduler`
+    (export.TEACHER_SCHEDULER or STUDENT_SCHEDULER); the text encoder from `text_folder`, by default the
+    final teacher's."""
     from ..loading import load_autoencoder, load_text_encoder, load_unet
     from ..tokenizer import CLIPTokenizer
-    from .export import scheduler_json
     from .teacher import text_encoder_folder
     run = Path(run)
     return Pipeline(unet=load_unet(unet_folder), vae=load_autoencoder(run / "vae"),
                     text_encoders=[load_text_encoder(text_folder or text_encoder_folder(run))],
                     tokenizers=[CLIPTokenizer.from_folder(run / "tokenizer")],
-                    scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
+                    scheduler=SchedulerConfig.from_diffusers(scheduler),
                     defaults=Defaults(steps=steps, guidance=guidance), name=Path(unet_folder).parent.name)
 
 
@@ -54,10 +54,10 @@ def evaluate(pipe: Pipeline, n: int = 200, seed: int = 0, clip_folder: Path | No
     return result
 
 
-def quick_check(run: Path, unet_folder: Path, spacing: str, steps: int, guidance: float, n: int, sheet: Path,
+def quick_check(run: Path, unet_folder: Path, scheduler: dict, steps: int, guidance: float, n: int, sheet: Path,
                 text_folder: Path | None = None) -> dict:
     """A stage's closing check on n eval prompts (printed, and kept in the recipe's report)."""
-    pipe = run_pipeline(run, unet_folder, spacing, steps, guidance, text_folder)
+    pipe = run_pipeline(run, unet_folder, scheduler, steps, guidance, text_folder)
     result = evaluate(pipe, n, sheet=sheet)
     print(f"{pipe.name}: {steps} steps, guidance {guidance}: accuracy one {result['one']:.3f} two {result['two']:.3f} "
           f"all {result['all']:.3f}; contact sheet {sheet}", flush=True)
@@ -65,23 +65,22 @@ def quick_check(run: Path, unet_folder: Path, spacing: str, steps: int, guidance
 
 
 @torch.no_grad()
-def preview(unet: torch.nn.Module, data, spacing: str, steps: int, guidance: float, path: Path, n: int = 8,
+def preview(unet: torch.nn.Module, data, scheduler: dict, steps: int, guidance: float, path: Path, n: int = 8,
             text: torch.nn.Module | None = None) -> None:
     """A contact sheet of n eval prompts from a UNet in training (with `text`, or else the stage's
     frozen text encoder, and the tokenizer and VAE from `data`, a teacher.LatentData)."""
     from ..shapes.caption import sample_prompts
     from ..shapes.render import contact_sheet
-    from .export import scheduler_json
     text = (data.text if text is None else text).eval()
     pipe = Pipeline(unet=unet.eval(), vae=data.vae, text_encoders=[text], tokenizers=[data.tokenizer],
-                    scheduler=SchedulerConfig.from_diffusers(scheduler_json(spacing)),
+                    scheduler=SchedulerConfig.from_diffusers(scheduler),
                     defaults=Defaults(steps=steps, guidance=guidance))
     prompts = sample_prompts(0, n)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(generate(pipe, prompts, batch=n), prompts, cols=n, width=160).save(path)
 
 
-def finish_unet(run: Path, name: str, unet: torch.nn.Module, sizes, spacing: str, steps: int, guidance: float,
+def finish_unet(run: Path, name: str, unet: torch.nn.Module, sizes, scheduler: dict, steps: int, guidance: float,
                 n: int, text_folder: Path | None = None) -> dict:
     """A UNet stage's end: its (EMA) weights to OUT/NAME/unet/ (fp32), then a quick check on n eval
     prompts with `text_folder`'s text encoder (full size only: the evaluator reads 128x128 scenes)."""
@@ -89,5 +88,5 @@ def finish_unet(run: Path, name: str, unet: torch.nn.Module, sizes, spacing: str
     save_unet(Path(run) / name / "unet", unet)
     if sizes.image < 128:
         return {}
-    return {"check": quick_check(run, Path(run) / name / "unet", spacing, steps, guidance, n,
+    return {"check": quick_check(run, Path(run) / name / "unet", scheduler, steps, guidance, n,
                                  Path(run) / "samples" / f"{name}-stage.png", text_folder)}

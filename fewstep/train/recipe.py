@@ -104,11 +104,11 @@ def export_and_score(out: Path, tiny: bool, n: int) -> dict:
     """Write OUT/shapes-teacher and OUT/shapes-turbo, load them with `fewstep.load`, score both."""
     from .. import load
     from .evaluate import evaluate
-    from .export import export_pipeline, folder_megabytes
+    from .export import STUDENT_SCHEDULER, TEACHER_SCHEDULER, export_pipeline, folder_megabytes
     from .teacher import teacher_folder
-    folders = {"teacher": export_pipeline(out, teacher_folder(out) / "unet", out / "shapes-teacher", "linspace",
+    folders = {"teacher": export_pipeline(out, teacher_folder(out) / "unet", out / "shapes-teacher", TEACHER_SCHEDULER,
                                           TEACHER_DEFAULTS),
-               "student": export_pipeline(out, out / "student" / "unet", out / "shapes-turbo", "trailing",
+               "student": export_pipeline(out, out / "student" / "unet", out / "shapes-turbo", STUDENT_SCHEDULER,
                                           STUDENT_DEFAULTS)}
     report = {f"{k}_mb": round(folder_megabytes(v), 2) for k, v in folders.items()}
     if n <= 0 or tiny:

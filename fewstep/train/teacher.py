@@ -173,7 +173,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     stage's text encoder, or with `hyper.init` from a trained teacher's folder."""
     from ..loading import load_text_encoder
     from .evaluate import finish_unet, preview
-    from .export import TRAIN_SCHEDULE
+    from .export import TEACHER_SCHEDULER, TRAIN_SCHEDULE
     out = Path(out)
     stage = Stage(name, out, hyper, seed)
     text = out / "clip" / "text_encoder"
@@ -206,7 +206,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     def on_preview(step: int) -> None:
         shadow = ema.averaged(stage.accel.unwrap_model(model))
         path = out / "samples" / f"{name}-{step:05d}.png"
-        preview(shadow.unet, data, "linspace", 20, GUIDANCE, path, text=shadow.text)
+        preview(shadow.unet, data, TEACHER_SCHEDULER, 20, GUIDANCE, path, text=shadow.text)
 
     if stage.main:
         tuned = sum(p.numel() for p in joint.text.parameters() if p.requires_grad)
@@ -219,7 +219,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
         trained.load_state_dict(ema.shadow)
         text_out = out / name / "text_encoder"
         save_text_encoder(text_out, trained.text, text)
-        return finish_unet(out, name, trained.unet, sizes, "linspace", 20, GUIDANCE, 64, text_out)
+        return finish_unet(out, name, trained.unet, sizes, TEACHER_SCHEDULER, 20, GUIDANCE, 64, text_out)
     return {}
 
 
