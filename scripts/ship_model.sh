@@ -8,8 +8,8 @@ for f in shapes-turbo/model_index.json shapes-teacher/model_index.json clip/imag
   [ -f "$run/$f" ] || { echo "error: $run/$f is missing (has the recipe finished?)" >&2; exit 2; }
 done
 rm -rf fewstep/assets.part && mkdir -p fewstep/assets.part/shapes-clip/clip
-cp -r "$run/shapes-turbo" "$run/shapes-teacher" fewstep/assets.part/
-cp -r "$run/clip/text_encoder" "$run/clip/image_tower.safetensors" "$run/clip/image_tower.json" fewstep/assets.part/shapes-clip/clip/
-cp -r "$run/tokenizer" fewstep/assets.part/shapes-clip/tokenizer
+cp -rL "$run/shapes-turbo" "$run/shapes-teacher" fewstep/assets.part/
+cp -rL "$run/clip/text_encoder" "$run/clip/image_tower.safetensors" "$run/clip/image_tower.json" fewstep/assets.part/shapes-clip/clip/
+cp -rL "$run/tokenizer" fewstep/assets.part/shapes-clip/tokenizer
 rm -rf fewstep/assets && mv fewstep/assets.part fewstep/assets
 du -sh fewstep/assets/*
