@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..denoiser import scalings
 from ..schedules import alphas_cumprod
 from .common import EMA, batches, generator, set_lr, warmup_lr
 from .export import STUDENT_PREDICTION, TRAIN_SCHEDULE
@@ -98,12 +99,12 @@ def feature_channels(unet: nn.Module) -> list[int]:
 
 
 def to_x0(x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """x0 from a UNet's output at x_t: out is epsilon (x0 = (x - sqrt(1 - a) eps) / sqrt(a)) or
-    v (x0 = sqrt(a) x - sqrt(1 - a) v), a = alphas_cumprod[t]."""
+    """x0 from a UNet's output at x_t, by the samplers' own parameterization (`denoiser.scalings`, in
+    sigma units: sigma = sqrt((1 - a) / a), x_t = c_in * x_sigma): epsilon gives (x - sqrt(1 - a) eps) / sqrt(a),
+    v gives sqrt(a) x - sqrt(1 - a) v, a = alphas_cumprod[t]."""
     a = ac[t].view(-1, 1, 1, 1)
-    if prediction_type == "v_prediction":
-        return a.sqrt() * x - (1 - a).sqrt() * out
-    return (x - (1 - a).sqrt() * out) / a.sqrt()
+    c_skip, c_out, c_in = scalings(((1 - a) / a).sqrt(), prediction_type)
+    return c_skip / c_in * x + c_out * out
 
 
 class ADD:
