@@ -29,7 +29,8 @@ from .errors import FewstepError
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 DTYPES = ("fp32", "fp16", "bf16")
-SCHEMES = ("int8-weight", "int8-dynamic", "fp8")
+SCHEMES = ("int8-weight", "int8-dynamic", "fp8", "int8-cpu")
+PARTS = ("unet", "text", "decoder")  # what --quantize-parts may name
 COMPARE = ("diffusers", "diffusers-default")  # same settings / diffusers' default (fp32, full VAE, no options)
 
 
@@ -50,6 +51,7 @@ class Settings:
     compile_mode: str | None = None
     cache: tuple[int, int | None] | None = None  # DeepCache (interval, branch)
     quantize: str | None = None
+    quantize_parts: tuple[str, ...] = ("unet",)
 
     def __post_init__(self):
         r = self.resolution
@@ -62,6 +64,9 @@ class Settings:
             raise FewstepError(f"unknown dtype '{self.dtype}' (choose {', '.join(DTYPES)})")
         if self.quantize is not None and self.quantize not in SCHEMES:
             raise FewstepError(f"unknown quantization '{self.quantize}' (choose {', '.join(SCHEMES)})")
+        object.__setattr__(self, "quantize_parts", tuple(self.quantize_parts))
+        if not self.quantize_parts or any(p not in PARTS for p in self.quantize_parts):
+            raise FewstepError(f"--quantize-parts {','.join(self.quantize_parts)}: name some of {', '.join(PARTS)}")
         if self.cache is not None:
             object.__setattr__(self, "cache", tuple(self.cache))
             if self.cache[0] < 1 or (self.cache[1] is not None and self.cache[1] < 0):
@@ -80,14 +85,15 @@ class Settings:
 
     def for_diffusers(self) -> Settings:
         """What diffusers can run of these settings: no DeepCache, no fewstep quantization."""
-        return replace(self, cache=None, quantize=None)
+        return replace(self, cache=None, quantize=None, quantize_parts=("unet",))
 
     def describe(self) -> str:
         opts = [self.dtype] + [n for n in ("channels_last", "fuse_qkv") if getattr(self, n)]
         opts += [f"decoder {self.decoder}"] if self.decoder != "full" else []
         opts += [f"compile{' ' + self.compile_mode if self.compile_mode else ''}"] if self.compile else []
         opts += [f"DeepCache {','.join(str(c) for c in self.cache if c is not None)}"] if self.cache else []
-        opts += [self.quantize] if self.quantize else []
+        parts = "" if self.quantize_parts == ("unet",) else f" ({'+'.join(self.quantize_parts)})"
+        opts += [self.quantize + parts] if self.quantize else []
         return ", ".join(opts)
 
 

@@ -132,7 +132,7 @@ def fewstep_runner(job: Job) -> Runner:
                         fuse_qkv=s.fuse_qkv, decoder=s.decoder)
     if s.quantize:
         from .quantize import quantize
-        quantize(pipe, s.quantize)
+        quantize(pipe, s.quantize, s.quantize_parts)
     load_s = time.perf_counter() - t
     compile_s = 0.0
     if s.compile:

@@ -182,7 +182,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="also reports cold and warm compile time")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--cache", default=None, metavar="INTERVAL[,BRANCH]", help="DeepCache")
-    p.add_argument("--quantize", default=None, choices=["int8-weight", "int8-dynamic", "fp8"])
+    p.add_argument("--quantize", default=None, choices=["int8-weight", "int8-dynamic", "fp8", "int8-cpu"])
+    p.add_argument("--quantize-parts", default="unet", metavar="PARTS",
+                   help="what --quantize quantizes, comma-separated: unet, text, decoder (default unet)")
     p.add_argument("--runs", type=int, default=3, help="timed images per process")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first, per process")
     p.add_argument("--rounds", type=int, default=1, help="processes per library, alternating with diffusers")
@@ -198,7 +200,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
     from .bench_report import table
     options = Options(a.model, a.random_weights, a.work_dir, a.compare, a.runs, a.warmup, a.rounds, a.threads, a.seed)
     settings = Settings(a.resolution, a.steps, a.batch, a.guidance, a.device, a.dtype, a.channels_last, a.fuse_qkv,
-                        a.decoder, a.compile, a.compile_mode, parse_cache(a.cache), a.quantize)
+                        a.decoder, a.compile, a.compile_mode, parse_cache(a.cache), a.quantize,
+                        tuple(p.strip() for p in a.quantize_parts.split(",")))
     report = run_bench(settings, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     sys.stdout.write(table(report))
     if a.json:

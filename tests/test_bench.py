@@ -102,10 +102,13 @@ def test_psnr_and_parse_cache():
     assert parse_cache(None) is None and parse_cache("3") == (3, None) and parse_cache("3,1") == (3, 1)
     job = Job("fewstep", "/m", Settings(resolution=64, cache=(3, 1), dtype="bf16"), runs=5)
     assert Job.from_json(job.to_json()) == job
+    job = Job("fewstep", "/m", Settings(resolution=64, quantize="int8-cpu", quantize_parts=("unet", "decoder")))
+    assert Job.from_json(job.to_json()) == job
+    assert job.settings.describe() == "fp32, int8-cpu (unet+decoder)"
 
 
 def test_notes_say_what_diffusers_does_not_do():
-    s = Settings(resolution=64, cache=(3, None), quantize="int8-dynamic")
+    s = Settings(resolution=64, cache=(3, None), quantize="int8-dynamic", quantize_parts=["unet", "text"])
     assert s.for_diffusers() == Settings(resolution=64)
     assert len(notes(s, Options(compare="diffusers"))) == 2
     assert notes(s, Options()) == []
@@ -122,6 +125,7 @@ def test_notes_say_what_diffusers_does_not_do():
     (["M", "--decoder", "/nonexistent/taesd"], "--decoder /nonexistent/taesd: no such folder"),
     (["M", "--compile-mode", "max-autotune"], "--compile-mode needs --compile"),
     (["M", "--runs", "0"], "--runs 0 must be at least 1"),
+    (["M", "--quantize", "int8-cpu", "--quantize-parts", "unet,vae"], "--quantize-parts unet,vae: name some of unet"),
 ])
 def test_bad_input_is_one_line(tiny_folders, args, match, capsys):
     assert main(["bench", *[str(tiny_folders["sd1"]) if a == "M" else a for a in args]]) == 2
