@@ -36,11 +36,12 @@ import torch
 from torch import nn
 
 from .errors import FewstepError
-from .int8 import MIN_CHANNELS as MIN_FEATURES
+from .int8 import MIN_CHANNELS as MIN_FEATURES  # layers this narrow stay float in every scheme
+from .int8 import SKIP as PER_SAMPLE  # Linears whose rows are the batch
+from .int8 import Int8Conv2d, Int8Linear, convert
 
 SCHEMES = ("int8-weight", "int8-dynamic", "fp8", "int8-cpu")
 PARTS = ("unet", "text", "decoder")
-PER_SAMPLE = ("time_embedding.", "add_embedding.", "time_emb_proj")  # Linears whose rows are the batch
 
 
 def _torchao():
@@ -96,7 +97,6 @@ def quantize(target, scheme: str, parts: tuple[str, ...] = ("unet",)):
     if scheme not in SCHEMES:
         raise FewstepError(f"unknown quantization scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     modules = _modules(target, parts)
-    from .int8 import Int8Conv2d, Int8Linear, convert
     if any((isinstance(m, nn.Linear) and is_quantized(m)) or isinstance(m, (Int8Conv2d, Int8Linear))
            for module in modules for m in module.modules()):
         raise FewstepError("this model is already quantized; load it again to quantize with another scheme")

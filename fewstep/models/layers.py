@@ -127,7 +127,8 @@ def nearest_up_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int] | No
     doubling runs as `upsample_conv` (2.25x fewer multiply-adds, equal up to float rounding; about
     2x faster on CPU at the VAE decoder's sizes); smaller inputs and odd sizes run as written."""
     h, w = x.shape[-2:]
-    if isinstance(conv, nn.Conv2d) and (size is None or tuple(size) == (2 * h, 2 * w)) and h * w >= FOLD_MIN_PIXELS:
+    exact = size is None or tuple(size) == (2 * h, 2 * w)
+    if isinstance(conv, nn.Conv2d) and exact and h * w >= FOLD_MIN_PIXELS:  # int8 convs have no weight to fold
         return upsample_conv(x, folded_kernel(conv), conv.bias)
     if size is None:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
