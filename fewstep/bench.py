@@ -76,6 +76,8 @@ class Settings:
             raise FewstepError(f"--device {self.device}: use cpu or cuda")
         if self.decoder not in ("full", "tiny") and not Path(self.decoder).expanduser().is_dir():
             raise FewstepError(f"--decoder {self.decoder}: no such folder (use full, tiny or a TAESD folder)")
+        if self.quantize == "int8-cpu" and self.compile:
+            raise FewstepError("--quantize int8-cpu runs eagerly: drop --compile (or use another scheme)")
         if self.compile_mode and not self.compile:
             raise FewstepError("--compile-mode needs --compile")
 

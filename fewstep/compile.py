@@ -120,6 +120,12 @@ def compile_pipeline(pipe, *, mode: str | None = None, regional: bool = True, ca
     traces (for debugging)."""
     if mode not in MODES:
         raise FewstepError(f"unknown compile mode {mode!r}; choose one of {', '.join(str(m) for m in MODES)}")
+    from .int8 import Int8Conv2d, Int8Linear
+    modules = [m for m in (pipe.unet, pipe.vae, pipe.decoder, *pipe.text_encoders) if m is not None]
+    if any(isinstance(layer, (Int8Conv2d, Int8Linear)) for m in modules for layer in m.modules()):
+        # inductor lowers oneDNN int8 ops only with weight freezing, and compiling them took minutes here
+        raise FewstepError("an int8-cpu quantized pipeline runs eagerly: quantize without compiling, or compile "
+                           "without int8-cpu")
     use_cache_dir(cache_dir)
     if regional:
         compile_regions(pipe.unet, mode, fullgraph, dynamic, backend)

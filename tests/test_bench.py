@@ -126,6 +126,7 @@ def test_notes_say_what_diffusers_does_not_do():
     (["M", "--compile-mode", "max-autotune"], "--compile-mode needs --compile"),
     (["M", "--runs", "0"], "--runs 0 must be at least 1"),
     (["M", "--quantize", "int8-cpu", "--quantize-parts", "unet,vae"], "--quantize-parts unet,vae: name some of unet"),
+    (["M", "--quantize", "int8-cpu", "--compile"], "--quantize int8-cpu runs eagerly: drop --compile"),
 ])
 def test_bad_input_is_one_line(tiny_folders, args, match, capsys):
     assert main(["bench", *[str(tiny_folders["sd1"]) if a == "M" else a for a in args]]) == 2

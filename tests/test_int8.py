@@ -109,6 +109,9 @@ def test_pipeline_parts(tiny_folders):
     assert 0 < relative(got, want) <= 0.10
     with pytest.raises(FewstepError, match="already quantized"):
         quantize(pipe, "int8-cpu")
+    from fewstep.compile import compile_pipeline
+    with pytest.raises(FewstepError, match="int8-cpu quantized pipeline runs eagerly"):
+        compile_pipeline(pipe)
     with pytest.raises(FewstepError, match="unknown part"):
         quantize(fewstep.load(tiny_folders["sd1"]), "int8-cpu", ("unet", "vae"))
 
