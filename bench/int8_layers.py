@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 
 
@@ -85,7 +86,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     env = environment("cpu", torch.get_num_threads())
     print(f"- Date: {env['date']}. Commit: {env['commit']}. Device: {env['device']}, {env['threads']} torch "
-          f"threads, torch {env['torch']}.\n- Command: `python bench/int8_layers.py {' '.join(__import__('sys').argv[1:])}`\n")
+          f"threads, torch {env['torch']}.\n- Command: `python bench/int8_layers.py {' '.join(sys.argv[1:])}`\n")
     layers(a.runs)
     if not a.no_unet:
         unet(a.rounds)

@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import FewstepError
 from .pipeline import Pipeline, autoencoder_input, memory_format, to_pil, vae_dtype
+from .weights import own_memory
 
 # Tiny decoders on the hub by latent space: SD 1.x and 2.x share one VAE, SDXL has its own.
 TINY_DECODERS = {"sd": "madebyollin/taesd", "sdxl": "madebyollin/taesdxl"}
@@ -59,18 +60,11 @@ def optimize(pipe: Pipeline, *, channels_last: bool = False, fuse_qkv: bool = Fa
     return pipe
 
 
-@torch.no_grad()
 def _own_channels_last(m: nn.Module) -> None:
-    """Every parameter and buffer of `m` copied into memory of its own, 4-D ones channels-last.
-
-    Weights load memory-mapped from their safetensors file (`weights.read_state_dict`); converting
-    only the conv weights (`Module.to(memory_format=...)`) would keep the file mapped for the rest,
-    with the converted tensors' pages still counted in the process's memory beside their copies.
-    Copying all of a (small) autoencoder lets the mapping go. Already converted: nothing to do."""
-    if memory_format(m) == torch.channels_last:
-        return
-    for t in [*m.parameters(), *m.buffers()]:
-        t.data = t.data.clone(memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format)
+    """All of a (small) autoencoder copied channels-last into memory of its own (`weights.own_memory`:
+    converting only its conv weights would keep the weight file mapped). Already converted: nothing to do."""
+    if memory_format(m) != torch.channels_last:
+        own_memory(m, torch.channels_last)
 
 
 def fuse_attention(unet: nn.Module) -> nn.Module:

@@ -182,7 +182,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="also reports cold and warm compile time")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--cache", default=None, metavar="INTERVAL[,BRANCH]", help="DeepCache")
-    p.add_argument("--quantize", default=None, choices=["int8-weight", "int8-dynamic", "fp8", "int8-cpu"])
+    from .bench import SCHEMES  # no torch import: the parser stays fast
+    p.add_argument("--quantize", default=None, choices=SCHEMES)
     p.add_argument("--quantize-parts", default="unet", metavar="PARTS",
                    help="what --quantize quantizes, comma-separated: unet, text, decoder (default unet)")
     p.add_argument("--runs", type=int, default=3, help="timed images per process")

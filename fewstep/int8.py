@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .weights import own_memory
+
 MIN_CHANNELS = 16
 SKIP = ("time_embedding", "add_embedding", "time_emb_proj")  # per-sample Linears: M is the batch
 
@@ -47,6 +49,16 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _take_weights(module: nn.Module, layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
+    """Give an int8 module the scales, zero points and fp32 bias of `layer`; returns the int8 weight
+    for oneDNN to prepack."""
+    qweight, scale = quantize_weight(layer.weight)
+    module.register_buffer("weight_scale", scale)
+    module.register_buffer("weight_zero_point", torch.zeros(len(scale), dtype=torch.int64))
+    module.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float(), requires_grad=False)
+    return qweight
+
+
 class Int8Conv2d(nn.Module):
     """A Conv2d (any stride, padding, dilation, groups; zero padding) with int8 weights and
     dynamically quantized uint8 inputs, run by `onednn::qconv2d_pointwise`."""
@@ -57,11 +69,8 @@ class Int8Conv2d(nn.Module):
             raise ValueError(f"Int8Conv2d takes zero padding given as numbers, not {conv.padding_mode}/{conv.padding}")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
-        qweight, scale = quantize_weight(conv.weight)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", torch.zeros(len(scale), dtype=torch.int64))
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().float(), requires_grad=False)
-        self.packed = torch.ops.onednn.qconv_prepack(qweight, scale, 1.0, 0, *self.geometry, None)
+        qweight = _take_weights(self, conv)
+        self.packed = torch.ops.onednn.qconv_prepack(qweight, self.weight_scale, 1.0, 0, *self.geometry, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, zero_point = quantize_activation(x)
@@ -82,11 +91,7 @@ class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        qweight, scale = quantize_weight(linear.weight)
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("weight_zero_point", torch.zeros(len(scale), dtype=torch.int64))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
-        self.packed = torch.ops.onednn.qlinear_prepack(qweight, None)
+        self.packed = torch.ops.onednn.qlinear_prepack(_take_weights(self, linear), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, scale, zero_point = quantize_activation(x.reshape(-1, self.in_features))
@@ -111,12 +116,9 @@ def wanted(m: nn.Module, name: str) -> bool:
 @torch.no_grad()
 def convert(module: nn.Module) -> int:
     """Replace, in place, every wanted Conv2d / Linear of a CPU float module by its int8 twin;
-    returns how many were replaced.
-
-    The float tensors left (norms, embeddings, the small convs) are then copied into memory of their
-    own: weights load memory-mapped from their safetensors file, and a few tensors still viewing the
-    mapping would keep all of it mapped, its pages (read once to quantize) counted in the process's
-    memory beside the int8 copies."""
+    returns how many were replaced. The float tensors left (norms, embeddings, the small convs) are
+    then copied (`weights.own_memory`), so that they no longer keep the weight file mapped, its pages
+    (read once to quantize) counted beside the int8 copies."""
     count = 0
     for name, m in list(module.named_modules()):
         for child_name, child in list(m.named_children()):
@@ -124,6 +126,5 @@ def convert(module: nn.Module) -> int:
             if type(child) in (nn.Conv2d, nn.Linear) and wanted(child, path):
                 setattr(m, child_name, (Int8Conv2d if isinstance(child, nn.Conv2d) else Int8Linear)(child))
                 count += 1
-    for t in [*module.parameters(), *module.buffers()]:
-        t.data = t.data.clone(memory_format=torch.preserve_format)
+    own_memory(module)
     return count

@@ -144,3 +144,14 @@ def find_weights(folder: Path, stem: str, variant: str | None) -> Path:
                 return path
     wanted = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
     raise FewstepError(f"no weights in {folder}: expected {wanted}")
+
+
+@torch.no_grad()
+def own_memory(module: nn.Module, memory_format: torch.memory_format = torch.preserve_format) -> None:
+    """Every parameter and buffer of `module` copied into memory of its own, 4-D ones in memory_format.
+
+    Weights load memory-mapped from their safetensors file (`read_state_dict`); replacing or converting
+    only some tensors would keep the file mapped for the rest, the pages already read counted in the
+    process's memory beside the new copies. Copying all of a module lets the mapping go."""
+    for t in [*module.parameters(), *module.buffers()]:
+        t.data = t.data.clone(memory_format=memory_format if t.dim() == 4 else torch.contiguous_format)
