@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from fewstep.errors import FewstepError
-from fewstep.int8 import Int8Conv2d, Int8Linear, convert, quantize_activation, quantize_weight
+from conftest import SHARED, requires_shared
+from fewstep.int8 import Int8Conv2d, Int8Linear, convert, quantize_activation, quantize_weight, to_uint8
 from fewstep.models.layers import Upsample2D
 from fewstep.quantize import quantize
 from test_deepcache import inputs, make
@@ -34,6 +35,17 @@ def test_quantize_activation_round_trip():
     assert q.min() == 0 and q.max() == 255  # the range is used whole
     q, scale, zp = quantize_activation(x.clamp(min=0.5))  # all positive: the range is widened to 0,
     assert zp == 0 and ((q.float() - zp) * scale).min() >= 0  # so zero (padding) is exact
+
+
+def test_to_uint8_is_the_formula():
+    x = (torch.randn(2, 16, 9, 7) * 4).contiguous(memory_format=torch.channels_last)
+    scale, zp = torch.tensor(0.05), torch.tensor(100)
+    got = to_uint8(x, scale, zp)
+    want = ((x / scale).round() + zp).clamp(0, 255).to(torch.uint8)
+    assert got.dtype == torch.uint8 and got.shape == x.shape and got.stride() == x.stride()
+    assert got.untyped_storage().nbytes() == x.numel()  # a plain uint8 tensor of its own
+    assert (got.int() - want.int()).abs().max() <= 1 and (got != want).float().mean() < 0.01  # x * (1/s) vs x / s
+    assert got.min() == 0 and got.max() == 255  # clamped at both ends
 
 
 def test_quantize_weight_per_channel():
@@ -59,6 +71,22 @@ def test_conv_matches_float(stride, padding, bias, channels_last):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("stride,padding,relu", [(1, 1, False), (2, 1, True), (1, 0, True)])
+def test_small_inputs_run_as_gemm(stride, padding, relu):
+    """Inputs of at most GEMM_MAX_PIXELS pixels: im2col + int8 GEMM, the same integers as the conv kernel."""
+    conv = torch.nn.Conv2d(24, 40, 3, stride=stride, padding=padding)
+    x = torch.randn(2, 24, 7, 9)  # 63 pixels
+    want = conv(x).relu() if relu else conv(x)
+    gemm, direct = Int8Conv2d(conv, relu=relu), Int8Conv2d(conv, relu=relu)
+    direct._pack(1000)
+    got = gemm(x)
+    assert gemm.gemm and not direct.gemm and gemm.qweight is None
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    assert 0 < relative(got, want) <= 0.02 and relative(got, direct(x)) <= 1e-6
+    assert gemm(torch.randn(1, 24, 16, 16)).shape[-1] == (16 + 2 * padding - 3) // stride + 1  # packed once: still gemm
+
+
+@torch.no_grad()
 def test_linear_matches_float():
     lin = torch.nn.Linear(48, 20)
     x = torch.randn(2, 7, 48)
@@ -70,12 +98,45 @@ def test_linear_matches_float():
 
 @torch.no_grad()
 def test_upsampler_runs_unfolded():
-    """An int8 upsampler conv has no float weight to fold: `nearest_up_conv` runs it as written."""
+    """An int8 upsampler conv has no float weight to fold: `nearest_up_conv` has it enlarge its
+    quantized input (same scale as the enlarged float input's: the very same result)."""
     up = Upsample2D(32)
     x = torch.randn(1, 32, 32, 32)  # 32x32: a float conv here would run folded
     want = up(x)
-    up.conv = Int8Conv2d(up.conv)
-    assert 0 < relative(up(x), want) <= 0.02
+    q = up.conv = Int8Conv2d(up.conv)
+    got = up(x)
+    assert 0 < relative(got, want) <= 0.02
+    assert torch.equal(got, q(F.interpolate(x, scale_factor=2.0, mode="nearest")))
+    assert torch.equal(up(x, size=(64, 64)), got) and up(x, size=(65, 63)).shape == (1, 32, 65, 63)
+
+
+@torch.no_grad()
+def test_convert_fuses_relu_into_the_conv():
+    seq = torch.nn.Sequential(torch.nn.Conv2d(24, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.randn(1, 24, 10, 10)
+    want = seq(x)
+    assert convert(seq) == 3
+    assert [type(m).__name__ for m in seq] == ["Int8Conv2d", "Identity", "Int8Conv2d", "Identity", "Int8Conv2d"]
+    assert seq[0].relu and seq[2].relu and not seq[4].relu and "relu" in repr(seq[0])
+    h = seq[0](x)
+    assert (h >= 0).all() and (seq[4](h) < 0).any()
+    assert 0 < relative(seq(x), want) <= 0.03
+
+
+@requires_shared
+@torch.no_grad()
+def test_taesd_decoder_in_int8():
+    """TAESD's decoder (real weights): 64-channel convs with fused ReLUs, int8 upsampling convs."""
+    from fewstep.models.tae import load_taesd
+    tae = load_taesd(decoder_path=SHARED / "taesd" / "taesd_decoder.safetensors")
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    want = tae.decode(z)
+    assert convert(tae) == 33  # 30 block convs, 3 upsampling; the 4-channel first and 3-channel last stay float
+    assert sum(isinstance(m, Int8Conv2d) and m.relu for m in tae.modules()) == 20  # two in each of the 10 blocks
+    got = tae.decode(z)
+    mse = ((got.clamp(-1, 1) - want.clamp(-1, 1)) / 2).pow(2).mean()  # images in [0, 1]
+    assert 35 <= -10 * torch.log10(mse) < 60  # PSNR, measured 37.4 dB on these N(0, 1) latents
 
 
 @torch.no_grad()
