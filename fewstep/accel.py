@@ -6,9 +6,18 @@
 - fuse_qkv: one matmul for the q/k/v projections of self-attention and one for k/v of cross-
   attention (diffusers' `fuse_qkv_projections`). Done after loading, so a fused UNet's state_dict
   has `to_qkv` / `to_kv` keys instead of `to_q` / `to_k` / `to_v`; save weights before fusing.
+- token_downsample=F: ToDo (Smith et al. 2024): the self-attention of the highest-resolution
+  transformers takes its keys and values from F x F-pooled tokens, F^2 times fewer (queries and
+  output stay at full resolution). Not exact: an approximation, most of the cost of attention at
+  SD's 64x64 latents gone for a small change of the image (docs/BENCHMARKS.md measures both).
 - decoder="tiny": decode with TAESD (Ollin Boer Bohan, github.com/madebyollin/taesd), a ~1M
   parameter decoder trained to mimic the SD VAE; a cheap approximation, not the same image.
   `preview_callback` uses it to show every sampler step.
+- keep_memory(): glibc's allocator keeps the memory of freed tensors for the next ones instead of
+  unmapping it; on CPU every fresh large tensor otherwise page-faults all its pages in again (about
+  30 ms for one 64 MB activation of TAESD at 512x512 here; int8 TAESD decodes in 0.39 s instead of
+  0.66 s from the second image on, for 90 MB more peak RSS). A process-wide setting, like PyTorch's
+  CPU tuning advice to preload jemalloc or tcmalloc.
 
 Everything here is a runtime choice of loading / generation (`fewstep.load(..., channels_last=True)`),
 never part of a model config.
@@ -33,7 +42,7 @@ SD_SCALING_FACTORS = (0.18215, 0.13025)  # the SD 1.x/2.x and SDXL VAEs: the lat
 
 
 def optimize(pipe: Pipeline, *, channels_last: bool = False, fuse_qkv: bool = False,
-             decoder: str | Path | None = None) -> Pipeline:
+             decoder: str | Path | None = None, token_downsample: int | None = None) -> Pipeline:
     """Apply speed options to `pipe` in place and return it. False / None leave a choice as it is.
 
     channels_last: UNet and autoencoder weights (and the latents passed to them) in channels-last
@@ -41,9 +50,12 @@ def optimize(pipe: Pipeline, *, channels_last: bool = False, fuse_qkv: bool = Fa
     fused attention projections in the UNet (see module doc: changes its state_dict). decoder:
     "tiny" for the family's TAESD from the hub (or the Hugging Face cache), a path to a TAESD /
     AutoencoderTiny folder (or any autoencoder folder), the hub id of an AutoencoderTiny, or "full"
-    to decode with the pipeline's own VAE again."""
+    to decode with the pipeline's own VAE again. token_downsample: ToDo's factor (2 in its paper; 1
+    turns it off; see the module doc)."""
     if decoder is not None:
         pipe.decoder = load_decoder(pipe, decoder)
+    if token_downsample is not None:
+        set_token_downsample(pipe.unet, token_downsample)
     if fuse_qkv:
         fuse_attention(pipe.unet)
     if channels_last:
@@ -68,13 +80,33 @@ def _own_channels_last(m: nn.Module) -> None:
 
 
 def fuse_attention(unet: nn.Module) -> nn.Module:
-    """Fuse every transformer block's projections: q/k/v of attn1 (k/v when it attends to the text
-    instead, SDXS-style `only_cross`), k/v of attn2."""
+    """Fuse every transformer block's projections: q/k/v of attn1 (k/v when its keys come from
+    elsewhere: the text in SDXS-style `only_cross` blocks, pooled tokens under token_downsample),
+    k/v of attn2."""
     from .models.unet import BasicTransformerBlock
     for block in unet.modules():
         if isinstance(block, BasicTransformerBlock):
-            block.attn1.fuse_projections(self_attention=not block.only_cross)
+            block.attn1.fuse_projections(self_attention=not block.only_cross and block.kv_downsample == 1)
             block.attn2.fuse_projections(self_attention=False)
+    return unet
+
+
+def set_token_downsample(unet: nn.Module, factor: int) -> nn.Module:
+    """ToDo with pooling `factor` (1: off) in the self-attention of the transformers at the UNet's
+    highest-resolution level with attention (SD 1.x/2.x: the 64x64 latents of a 512 image, 4096
+    tokens; SDXL: its 2x-down level); the other levels already have 4x or more fewer tokens."""
+    from .models.unet import Transformer2DModel
+    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
+        raise FewstepError(f"token downsampling factor {factor!r}: use a whole number >= 1 (2 pools 2x2 tokens; 1 is off)")
+    transformers = [m for m in unet.modules() if isinstance(m, Transformer2DModel)]
+    top = min((t.level for t in transformers), default=None)
+    for t in transformers:
+        for block in t.transformer_blocks:
+            want = factor if t.level == top and not block.only_cross else 1
+            if want != block.kv_downsample and block.attn1.to_qkv is not None:
+                raise FewstepError("token downsampling cannot change after the q/k/v projections were fused: "
+                                   "load the model again and pass both options together")
+            block.kv_downsample = want
     return unet
 
 
@@ -111,3 +143,20 @@ def preview_callback(ae: nn.Module, on_image: Callable) -> Callable:
             images = ae.decode(autoencoder_input(ae, denoised))  # [N, 3, H, W]
         on_image(i, to_pil(torch.cat(list(images), dim=-1)[None])[0])  # [1, 3, H, N * W]
     return callback
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_memory() -> bool:
+    """Make this process's glibc malloc serve large blocks from its heap (no mmap per tensor) and keep
+    freed memory (trim only above 2 GiB free), so the memory of freed tensors is reused without page
+    faults (a model's activations: from its second call on). Process-wide and not undone; returns
+    False where the C library is not glibc (nothing changed)."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -52,6 +52,8 @@ class Settings:
     cache: tuple[int, int | None] | None = None  # DeepCache (interval, branch)
     quantize: str | None = None
     quantize_parts: tuple[str, ...] = ("unet",)
+    token_downsample: int = 1  # ToDo's factor (fewstep only)
+    keep_memory: bool = False  # accel.keep_memory in fewstep's process (glibc malloc keeps freed memory)
 
     def __post_init__(self):
         r = self.resolution
@@ -78,6 +80,8 @@ class Settings:
             raise FewstepError(f"--decoder {self.decoder}: no such folder (use full, tiny or a TAESD folder)")
         if self.quantize == "int8-cpu" and self.compile:
             raise FewstepError("--quantize int8-cpu runs eagerly: drop --compile (or use another scheme)")
+        if self.token_downsample < 1:
+            raise FewstepError(f"--token-downsample {self.token_downsample} must be at least 1 (2 pools 2x2 tokens)")
         if self.compile_mode and not self.compile:
             raise FewstepError("--compile-mode needs --compile")
 
@@ -86,14 +90,18 @@ class Settings:
         return Settings(self.resolution, self.steps, self.batch, self.guidance, self.device)
 
     def for_diffusers(self) -> Settings:
-        """What diffusers can run of these settings: no DeepCache, no fewstep quantization."""
-        return replace(self, cache=None, quantize=None, quantize_parts=("unet",))
+        """What diffusers can run of these settings: no DeepCache, no fewstep quantization, no ToDo, its
+        process's allocator as it comes."""
+        return replace(self, cache=None, quantize=None, quantize_parts=("unet",), token_downsample=1,
+                       keep_memory=False)
 
     def describe(self) -> str:
         opts = [self.dtype] + [n for n in ("channels_last", "fuse_qkv") if getattr(self, n)]
         opts += [f"decoder {self.decoder}"] if self.decoder != "full" else []
         opts += [f"compile{' ' + self.compile_mode if self.compile_mode else ''}"] if self.compile else []
         opts += [f"DeepCache {','.join(str(c) for c in self.cache if c is not None)}"] if self.cache else []
+        opts += [f"ToDo {self.token_downsample}x{self.token_downsample}"] if self.token_downsample > 1 else []
+        opts += ["keep memory"] if self.keep_memory else []
         parts = "" if self.quantize_parts == ("unet",) else f" ({'+'.join(self.quantize_parts)})"
         opts += [self.quantize + parts] if self.quantize else []
         return ", ".join(opts)
@@ -360,4 +368,6 @@ def notes(settings: Settings, options: Options) -> list[str]:
     out = ["diffusers: no DeepCache (none built in): every step runs the whole UNet"] if settings.cache else []
     out += [f"diffusers: not quantized (no built-in {settings.quantize})"] if settings.quantize else []
     out += ["diffusers: torch.compile of the whole UNet and VAE decoder"] if settings.compile else []
+    out += ["diffusers: full self-attention (no token downsampling built in)"] if settings.token_downsample > 1 else []
+    out += ["diffusers: its process's allocator as it comes (--keep-memory is fewstep's)"] if settings.keep_memory else []
     return out

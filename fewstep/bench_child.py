@@ -125,11 +125,13 @@ def fewstep_runner(job: Job) -> Runner:
     from . import accel, loading, tokenizer  # noqa: F401 - imported before the clock starts, as for diffusers
     from .models import clip, tae, unet, vae  # noqa: F401
     s = job.settings
+    if s.keep_memory:
+        accel.keep_memory()  # before loading: process-wide, as a user would set it at start
     if s.quantize:
         _preimport("torchao")  # the quantization backend: its import is not load time either
     t = time.perf_counter()
     pipe = fewstep.load(job.folder, device=s.device, dtype=DTYPES[s.dtype], channels_last=s.channels_last,
-                        fuse_qkv=s.fuse_qkv, decoder=s.decoder)
+                        fuse_qkv=s.fuse_qkv, decoder=s.decoder, token_downsample=s.token_downsample)
     if s.quantize:
         from .quantize import quantize
         quantize(pipe, s.quantize, s.quantize_parts)

@@ -182,6 +182,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="also reports cold and warm compile time")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--cache", default=None, metavar="INTERVAL[,BRANCH]", help="DeepCache")
+    p.add_argument("--token-downsample", type=int, default=1, metavar="F", help="ToDo: self-attention keys and "
+                   "values from FxF-pooled tokens at the highest resolution (2 in its paper; default 1: off)")
+    p.add_argument("--keep-memory", action="store_true", help="glibc malloc keeps freed memory for the next "
+                   "tensors (fewstep.accel.keep_memory; fewstep's process only)")
     from .bench import SCHEMES  # no torch import: the parser stays fast
     p.add_argument("--quantize", default=None, choices=SCHEMES)
     p.add_argument("--quantize-parts", default="unet", metavar="PARTS",
@@ -202,7 +206,8 @@ def cmd_bench(a: argparse.Namespace) -> None:
     options = Options(a.model, a.random_weights, a.work_dir, a.compare, a.runs, a.warmup, a.rounds, a.threads, a.seed)
     settings = Settings(a.resolution, a.steps, a.batch, a.guidance, a.device, a.dtype, a.channels_last, a.fuse_qkv,
                         a.decoder, a.compile, a.compile_mode, parse_cache(a.cache), a.quantize,
-                        tuple(p.strip() for p in a.quantize_parts.split(",")))
+                        tuple(p.strip() for p in a.quantize_parts.split(",")), a.token_downsample,
+                        a.keep_memory)
     report = run_bench(settings, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     sys.stdout.write(table(report))
     if a.json:

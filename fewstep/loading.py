@@ -130,7 +130,7 @@ def _defaults(folder: Path, sched: SchedulerConfig) -> Defaults:
 def load(path: str | Path | None = None, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
          variant: str | None = None, allow_pickle: bool = False, config: str | Path | None = None,
          prediction_type: str | None = None, channels_last: bool = False, fuse_qkv: bool = False,
-         decoder: str | Path | None = None) -> Pipeline:
+         decoder: str | Path | None = None, token_downsample: int | None = None) -> Pipeline:
     """Load a text-to-image pipeline.
 
     path: a diffusers folder, a single-file checkpoint (.safetensors; .ckpt only with allow_pickle), a hub
@@ -139,8 +139,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "cpu", 
     overrides the scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files).
 
     dtype applies to the UNet and text encoders; an fp16 pipeline keeps a `force_upcast` VAE in fp32
-    (`pipeline.vae_dtype`). channels_last, fuse_qkv and decoder ("tiny", "full" or a TAESD folder)
-    are the speed options of `fewstep.accel.optimize`."""
+    (`pipeline.vae_dtype`). channels_last, fuse_qkv, decoder ("tiny", "full" or a TAESD folder) and
+    token_downsample (ToDo's factor, e.g. 2) are the speed options of `fewstep.accel.optimize`."""
     from .accel import optimize
     root = resolve(path, variant)
     if root.is_file():
@@ -149,7 +149,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "cpu", 
                                 prediction_type=prediction_type)
     else:
         pipe = _load_folder(root, device, dtype, variant, allow_pickle, prediction_type)
-    return optimize(pipe, channels_last=channels_last, fuse_qkv=fuse_qkv, decoder=decoder)
+    return optimize(pipe, channels_last=channels_last, fuse_qkv=fuse_qkv, decoder=decoder,
+                    token_downsample=token_downsample)
 
 
 def _load_folder(root: Path, device, dtype, variant, allow_pickle, prediction_type) -> Pipeline:

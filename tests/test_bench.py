@@ -4,8 +4,11 @@ load without a missing key, and one-line errors for bad input."""
 
 import json
 import math
+import platform
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -107,10 +110,32 @@ def test_psnr_and_parse_cache():
     assert job.settings.describe() == "fp32, int8-cpu (unet+decoder)"
 
 
+KEEP_MEMORY = """
+import sys
+import torch
+from fewstep.accel import keep_memory
+done = keep_memory() if sys.argv[1] == "1" else None
+t = torch.empty(2**24)  # 64 MB: above glibc's mmap threshold, so mmap'ed unless keep_memory
+lo, hi = (int(v, 16) for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")
+          for v in line.split()[0].split("-"))
+print(done, lo <= t.data_ptr() < hi)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_memory tunes glibc's malloc")
+def test_keep_memory_serves_large_tensors_from_the_heap():
+    def run(flag: str) -> str:
+        return subprocess.run([sys.executable, "-c", KEEP_MEMORY, flag], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert run("0") == "None False" and run("1") == "True True"
+
+
 def test_notes_say_what_diffusers_does_not_do():
-    s = Settings(resolution=64, cache=(3, None), quantize="int8-dynamic", quantize_parts=["unet", "text"])
+    s = Settings(resolution=64, cache=(3, None), quantize="int8-dynamic", quantize_parts=["unet", "text"],
+                 token_downsample=2, keep_memory=True)
     assert s.for_diffusers() == Settings(resolution=64)
-    assert len(notes(s, Options(compare="diffusers"))) == 2
+    assert len(notes(s, Options(compare="diffusers"))) == 4
+    assert s.describe() == "fp32, DeepCache 3, ToDo 2x2, keep memory, int8-dynamic (unet+text)"
     assert notes(s, Options()) == []
     assert notes(s, Options(compare="diffusers-default")) == ["diffusers: its defaults (fp32, full VAE, no options)"]
 
@@ -127,6 +152,7 @@ def test_notes_say_what_diffusers_does_not_do():
     (["M", "--runs", "0"], "--runs 0 must be at least 1"),
     (["M", "--quantize", "int8-cpu", "--quantize-parts", "unet,vae"], "--quantize-parts unet,vae: name some of unet"),
     (["M", "--quantize", "int8-cpu", "--compile"], "--quantize int8-cpu runs eagerly: drop --compile"),
+    (["M", "--token-downsample", "0"], "--token-downsample 0 must be at least 1"),
 ])
 def test_bad_input_is_one_line(tiny_folders, args, match, capsys):
     assert main(["bench", *[str(tiny_folders["sd1"]) if a == "M" else a for a in args]]) == 2

@@ -130,6 +130,8 @@ def nearest_up_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int] | No
     exact = size is None or tuple(size) == (2 * h, 2 * w)
     if isinstance(conv, nn.Conv2d) and exact and h * w >= FOLD_MIN_PIXELS:  # int8 convs have no weight to fold
         return upsample_conv(x, folded_kernel(conv), conv.bias)
+    if not isinstance(conv, nn.Conv2d):  # an int8 conv (fewstep.int8) enlarges its quantized input
+        return conv(x, upsample=(2 * h, 2 * w) if size is None else tuple(size))
     if size is None:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
     else:
@@ -163,6 +165,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, upc
     v = v.view(b, v.shape[1], heads, -1).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(b, lq, inner).to(dtype)
+
+
+def downsample_tokens(t: torch.Tensor, size: tuple[int, int], factor: int) -> torch.Tensor:
+    """[B, H*W, C] tokens of an H x W grid -> [B, ceil(H/f) * ceil(W/f), C], each the mean of an f x f
+    patch (of what is left of one at the edges): the keys and values of ToDo's self-attention
+    (Smith et al. 2024, "ToDo: Token Downsampling for Efficient Generation of High-Resolution Images")."""
+    b, _, c = t.shape
+    grid = t.view(b, *size, c).permute(0, 3, 1, 2)
+    return F.avg_pool2d(grid, factor, ceil_mode=True).flatten(2).transpose(1, 2)
 
 
 def fuse_linears(*linears: nn.Linear) -> nn.Linear:

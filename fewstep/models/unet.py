@@ -18,7 +18,7 @@ from torch import nn
 
 from ..configs import UNetConfig
 from ..errors import FewstepError
-from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D
+from .layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, downsample_tokens
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float) -> torch.Tensor:
@@ -88,9 +88,18 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, context_dim, heads, upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.kv_downsample = 1  # > 1: self-attention keys/values from pooled tokens (accel.token_downsample)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x), context if self.only_cross else None)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """x: [B, H*W, C] tokens of an H x W grid (`size`, needed when kv_downsample > 1)."""
+        h = self.norm1(x)
+        if self.only_cross:
+            kv = context
+        elif self.kv_downsample > 1:
+            kv = downsample_tokens(h, size, self.kv_downsample)
+        else:
+            kv = None
+        x = x + self.attn1(h, kv)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -102,6 +111,7 @@ class Transformer2DModel(nn.Module):
     def __init__(self, cfg: UNetConfig, level: int, only_cross: bool):
         super().__init__()
         c = cfg.block_out_channels[level]
+        self.level = level  # 0: full latent resolution
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, c, eps=1e-6)
         self.proj_in = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
@@ -119,7 +129,7 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             t = self.proj_in(t)
         for block in self.transformer_blocks:
-            t = block(t, context)
+            t = block(t, context, (h, w))
         if self.linear:
             t = self.proj_out(t)
         t = t.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W] with channels-last strides
