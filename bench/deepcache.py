@@ -8,10 +8,11 @@ the tiny-CLIP Fréchet distance to renderer images (the shipped shapes-clip scor
 reference set as `fewstep eval`), and the PSNR of the whole set against the uncached images of the
 same seeds. The model defaults to the shipped teacher (fewstep/assets/shapes-teacher), a 25-step
 DDPM-trained shapes model. Each --quantize scheme (`fewstep.quantize`, torchao) adds a row: a fresh
-load, quantized, no cache, against the same uncached baseline. Prints Markdown for docs/BENCHMARKS.md.
+load, quantized, no cache, against the same uncached baseline; so does each --token-downsample factor
+(ToDo, `fewstep.load(token_downsample=F)`). Prints Markdown for docs/BENCHMARKS.md.
 
     python bench/deepcache.py [--model PATH] [--steps 25] [--intervals 1,2,3,4,5] [--branch 0] [--n 200]
-                              [--quantize int8-weight,int8-dynamic]
+                              [--quantize int8-weight,int8-dynamic] [--token-downsample 2]
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quantize", default="", help="comma-separated fewstep.quantize schemes, one row each")
+    ap.add_argument("--token-downsample", default="", help="comma-separated ToDo factors, one row each")
     a = ap.parse_args()
 
     import torch
@@ -70,14 +72,17 @@ def measure(pipe, a: argparse.Namespace, model: Path) -> list[tuple]:
         r, images = evaluate(pipe, prompts, a.steps, a.seed, clip, reference, batch=a.batch, cache=cache)
         base = images if base is None else base
         rows.append((str(interval), r, psnr(np.asarray(images), np.asarray(base))))
-    for scheme in filter(None, a.quantize.split(",")):
-        import fewstep
-        from fewstep.quantize import quantize
-        print(f"quantize {scheme} ...", file=sys.stderr, flush=True)
-        q = quantize(fewstep.load(model), scheme)
+    import fewstep
+    from fewstep.quantize import quantize
+    variants = [(s, lambda s=s: quantize(fewstep.load(model), s)) for s in filter(None, a.quantize.split(","))]
+    variants += [(f"ToDo {f}x{f}", lambda f=int(f): fewstep.load(model, token_downsample=f))
+                 for f in filter(None, a.token_downsample.split(","))]
+    for label, make in variants:
+        print(f"{label} ...", file=sys.stderr, flush=True)
+        q = make()
         evaluate(q, prompts[:min(a.batch, a.n)], a.steps, a.seed, batch=a.batch)  # warm-up
         r, images = evaluate(q, prompts, a.steps, a.seed, clip, reference, batch=a.batch)
-        rows.append((f"1, {scheme}", r, psnr(np.asarray(images), np.asarray(base))))
+        rows.append((f"1, {label}", r, psnr(np.asarray(images), np.asarray(base))))
     return rows
 
 

@@ -38,6 +38,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "the tokenizers and configs to use")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt pickle files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    speed = p.add_argument_group("speed options (docs/BENCHMARKS.md)")
+    speed.add_argument("--decoder", default=None, help="tiny (TAESD from the hub), a TAESD folder, or full")
+    speed.add_argument("--token-downsample", type=int, default=None, metavar="F",
+                       help="ToDo: self-attention keys/values from FxF-pooled tokens at the highest resolution")
+    from .bench import SCHEMES  # no torch import: the parser stays fast
+    speed.add_argument("--quantize", default=None, choices=SCHEMES, help="int8-cpu: oneDNN int8 on x86 CPUs")
+    speed.add_argument("--quantize-parts", default="unet", metavar="PARTS",
+                       help="what --quantize quantizes, comma-separated: unet, text, decoder (default unet)")
 
 
 def _output_paths(output: str, n: int, seed: int) -> list[Path]:
@@ -74,7 +82,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     import fewstep
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    pipe = fewstep.load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle)
+    pipe = fewstep.load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
+                        decoder=a.decoder, token_downsample=a.token_downsample)
+    if a.quantize:
+        from .quantize import quantize
+        quantize(pipe, a.quantize, tuple(p.strip() for p in a.quantize_parts.split(",")))
     paths = _output_paths(a.output, a.num_images, a.seed)
     images = pipe(a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance, sampler=a.sampler,
                   karras=a.karras, seed=a.seed, width=a.width, height=a.height, num_images=a.num_images,

@@ -1,6 +1,7 @@
 """Every user mistake gives a one-line FewstepError that names the thing and says what to do."""
 
 import json
+import re
 import shutil
 import warnings
 
@@ -140,3 +141,22 @@ def test_cli_writes_pngs_with_parameters(sd1, tmp_path, capsys):
     im = Image.open(paths[1])
     assert im.size == (64, 64) and "Seed: 6" in im.text["parameters"]
     assert not list(out.glob("*.part"))
+
+
+def test_cli_speed_options(sd1, tmp_path, capsys):
+    """--token-downsample and --quantize int8-cpu reach the pipeline: same picture, nearly; bad values are one line."""
+    import numpy as np
+    from PIL import Image
+    args = ["generate", "a cat", "--model", str(sd1), "--width", "64", "--height", "64", "--steps", "1", "--quiet"]
+    assert main([*args, "--output", str(tmp_path / "a.png")]) == 0
+    assert main([*args, "--output", str(tmp_path / "b.png"), "--token-downsample", "2", "--quantize", "int8-cpu",
+                 "--quantize-parts", "unet,text,decoder"]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / f"{n}.png"), dtype=np.float64) for n in "ab")
+    assert 0 < np.abs(a - b).mean() < 8  # mean change in 0-255 levels
+    capsys.readouterr()
+    for bad, match in ((["--token-downsample", "0"], "whole number >= 1"),
+                       (["--quantize", "int8-cpu", "--quantize-parts", "vae"], "unknown part")):
+        assert main([*args, "--output", str(tmp_path / "c.png"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and re.search(match, err), err
+    assert not (tmp_path / "c.png").exists()
