@@ -10,7 +10,10 @@ Markdown for docs/BENCHMARKS.md with device, date, commit and the commands.
 
     python bench/speed.py [--runs 3] [--arch sd-turbo] [--resolution 512] [--taesd ../shared/data/taesd]
                           [--fast "--dtype bf16 --channels-last --fuse-qkv"] [--rounds 1] [--device cpu]
-                          [--rows abc]
+                          [--rows abc] [--ladder "OPTIONS;OPTIONS;..."]
+
+--ladder adds fewstep-only rows, one per `;`-separated option string (each with the tiny decoder),
+to see each acceleration of row (c) on and off in one run.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ def rows(a: argparse.Namespace) -> list[tuple[str, list[str]]]:
     every = {"a": ("(a) fp32, full VAE", ["--compare", "diffusers"]),
              "b": ("(b) bf16 + channels_last", ["--dtype", "bf16", "--channels-last", "--compare", "diffusers"]),
              "c": ("(c) fewstep fastest vs diffusers default", [*fast, "--compare", "diffusers-default"])}
-    return [every[r] for r in a.rows]
+    ladder = [(f"(c{i}) fewstep alone", [*shlex.split(opts), "--decoder", fast[-1]])
+              for i, opts in enumerate(filter(None, (a.ladder or "").split(";")), 1)]
+    return [every[r] for r in a.rows] + ladder
 
 
 def bench(common: list[str], extra: list[str]) -> tuple[dict, str]:
@@ -93,8 +98,9 @@ def main() -> None:
                     help="fewstep bench options of row (c), besides --decoder")
     ap.add_argument("--work-dir", default=None, help="where the random-weight folder is kept")
     ap.add_argument("--rows", default="abc", help="which rows to run, e.g. 'ac' (a CPU without bf16 units)")
+    ap.add_argument("--ladder", default=None, help="fewstep-only rows: ';'-separated option strings")
     a = ap.parse_args()
-    if not a.rows or set(a.rows) - set("abc"):
+    if set(a.rows) - set("abc") or not (a.rows or a.ladder):
         ap.error(f"--rows {a.rows!r}: letters among a, b, c")
     common = ["--random-weights", a.arch, "--resolution", str(a.resolution), "--steps", "1", "--batch", "1",
               "--runs", str(a.runs), "--warmup", str(a.warmup), "--rounds", str(a.rounds), "--device", a.device]
