@@ -31,6 +31,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None, help="throughput mode: make --num-images this many "
+                   "at a time (default: all at once)")
     p.add_argument("--output", default="outputs", help="a .png path, or a folder (default: outputs/)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
@@ -90,7 +92,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     paths = _output_paths(a.output, a.num_images, a.seed)
     images = pipe(a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance, sampler=a.sampler,
                   karras=a.karras, seed=a.seed, width=a.width, height=a.height, num_images=a.num_images,
-                  progress=not a.quiet)
+                  progress=not a.quiet, batch_size=a.batch_size)
     d = pipe.defaults
     for i, (image, path) in enumerate(zip(images, paths)):
         params = (f"{a.prompt}\nNegative prompt: {a.negative_prompt or ''}\n"

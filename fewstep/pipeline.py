@@ -223,9 +223,14 @@ class Pipeline:
                  latents: torch.Tensor | None = None, karras: bool | None = None, eta: float = 0.0,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, callback: Callable | None = None,
-                 progress: bool = True, output_type: str = "pil", cache=None):
+                 progress: bool = True, output_type: str = "pil", cache=None, batch_size: int | None = None):
         """Generate `num_images` images per prompt; returns PIL images (or a [N,3,H,W] tensor in [-1, 1]
         with output_type="pt", or latents with output_type="latent").
+
+        `batch_size` (throughput mode) runs many images `batch_size` at a time: each model call then
+        works on a batch (faster per image, on CPU as on GPU) while memory stays that of one batch.
+        Image i keeps its seed + i, so with a deterministic sampler the images are those of one call
+        per image; ancestral samplers draw their per-step noise per batch.
 
         `callback(i, x, denoised, sigma)` sees every step (`fewstep.accel.preview_callback` makes
         previews); `cache` is an object whose `wrap(unet)` returns a callable used exactly like the
@@ -247,6 +252,18 @@ class Pipeline:
             if len(negative) not in (1, len(prompts) // num_images):
                 raise FewstepError("negative_prompt must be one string or one per prompt")
             negative = [n for n in negative for _ in range(num_images)] if len(negative) > 1 else negative * len(prompts)
+        if batch_size is not None and batch_size < 1:
+            raise FewstepError(f"batch_size={batch_size} must be at least 1")
+        if batch_size is not None and len(prompts) > batch_size:
+            outs = []
+            for start in range(0, len(prompts), batch_size):
+                part = slice(start, start + batch_size)
+                outs.append(self(prompts[part], None if negative is None else negative[part], steps=steps,
+                                 guidance=guidance, sampler=sampler, seed=seed + start, width=width, height=height,
+                                 latents=None if latents is None else latents[part], karras=karras, eta=eta,
+                                 original_size=original_size, crop_top_left=crop_top_left, target_size=target_size,
+                                 callback=callback, progress=progress, output_type=output_type, cache=cache))
+            return [im for out in outs for im in out] if output_type == "pil" else torch.cat(outs)
 
         if self.unet.cfg.in_channels != self.unet.cfg.out_channels:
             raise FewstepError(f"this UNet takes {self.unet.cfg.in_channels} input channels (an inpainting model): "

@@ -10,6 +10,7 @@ import torch
 
 import fewstep
 from conftest import requires_shared
+from fewstep.errors import FewstepError
 
 pytestmark = requires_shared
 
@@ -95,6 +96,28 @@ def test_seed_reproducible_and_batch_consistent(pipelines):
     assert (a == b).all()
     assert np.abs(a[1] - c[0]).max() <= 1  # image i of a batch is seed + i on its own
     assert np.abs(a[0] - a[1]).max() > 0
+
+
+def test_batch_size_throughput_mode(pipelines):
+    """5 prompts x 2 images in batches of 4: the same 10 images as one call, in 3 batches of at most 4
+    (8 UNet rows with guidance), each image still its own seed + i."""
+    pipe = fewstep.load(pipelines["sd1"][0])
+    prompts = [f"a red circle number {i}" for i in range(5)]
+    gen = dict(steps=2, guidance=5.0, seed=3, num_images=2, width=SIZE, height=SIZE, progress=False, output_type="pt")
+    whole = pipe(prompts, "blurry", **gen)
+    rows = []
+    hook = pipe.unet.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    try:
+        parts = pipe(prompts, "blurry", batch_size=4, **gen)
+    finally:
+        hook.remove()
+    assert rows == [8, 8, 8, 8, 4, 4]  # 2 steps per batch; cond + uncond rows
+    assert parts.shape == whole.shape == (10, 3, SIZE, SIZE)
+    assert (parts - whole).abs().max() <= 1e-4
+    pil = pipe(prompts[:3], steps=1, guidance=0.0, width=SIZE, height=SIZE, progress=False, batch_size=2)
+    assert len(pil) == 3 and pil[2].size == (SIZE, SIZE)
+    with pytest.raises(FewstepError, match="batch_size=0 must be at least 1"):
+        pipe(PROMPT, batch_size=0, progress=False)
 
 
 def test_callback_sees_every_step(pipelines):
