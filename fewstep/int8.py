@@ -8,10 +8,12 @@ and all of an autoencoder's are convolutions; PyTorch's own int8 conv path (torc
 module calls the very kernels that path lowers to (`onednn::qconv2d_pointwise`,
 `onednn::qlinear_pointwise`) from eager modules, with the activation scale computed per call:
 
-- weights: int8, symmetric, one scale per output channel (prepacked once for oneDNN);
+- weights: int8, symmetric, one scale per output channel (prepacked once for oneDNN; a conv at its
+  first call, for the conv kernel or, for inputs of at most 64 pixels, im2col + the int8 GEMM);
 - activations: uint8, asymmetric, one scale and zero point per tensor from its min and max at each
-  call (dynamic quantization: no calibration, any input range);
-- output: the input's float dtype (fp32 or bf16), bias added in the kernel.
+  call (dynamic quantization: no calibration, any input range), quantized in one pass;
+- output: the input's float dtype (fp32 or bf16), bias added in the kernel, and a ReLU that follows
+  a conv in a Sequential too (`convert` fuses it).
 
 Layers with 16 or fewer input or output channels stay float (conv_in's 4 latent channels: int8
 does not pay off there), as do the per-sample Linears of the time embedding (their rows are the
