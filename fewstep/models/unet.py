@@ -88,7 +88,7 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, context_dim, heads, upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
-        self.kv_downsample = 1  # > 1: self-attention keys/values from pooled tokens (accel.token_downsample)
+        self.kv_downsample = 1  # > 1: self-attention keys/values from pooled tokens (accel.set_token_downsample)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """x: [B, H*W, C] tokens of an H x W grid (`size`, needed when kv_downsample > 1)."""
