@@ -44,10 +44,19 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--decoder", default=None, help="tiny (TAESD from the hub), a TAESD folder, or full")
     speed.add_argument("--token-downsample", type=int, default=None, metavar="F",
                        help="ToDo: self-attention keys/values from FxF-pooled tokens at the highest resolution")
+    _quantize_args(speed)
+
+
+def _quantize_args(p) -> None:
+    """--quantize and --quantize-parts, for generate and bench (`_parts` reads the latter)."""
     from .bench import SCHEMES  # no torch import: the parser stays fast
-    speed.add_argument("--quantize", default=None, choices=SCHEMES, help="int8-cpu: oneDNN int8 on x86 CPUs")
-    speed.add_argument("--quantize-parts", default="unet", metavar="PARTS",
-                       help="what --quantize quantizes, comma-separated: unet, text, decoder (default unet)")
+    p.add_argument("--quantize", default=None, choices=SCHEMES, help="int8-cpu: oneDNN int8 on x86 CPUs")
+    p.add_argument("--quantize-parts", default="unet", metavar="PARTS",
+                   help="what --quantize quantizes, comma-separated: unet, text, decoder (default unet)")
+
+
+def _parts(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(","))
 
 
 def _output_paths(output: str, n: int, seed: int) -> list[Path]:
@@ -88,7 +97,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
                         decoder=a.decoder, token_downsample=a.token_downsample)
     if a.quantize:
         from .quantize import quantize
-        quantize(pipe, a.quantize, tuple(p.strip() for p in a.quantize_parts.split(",")))
+        quantize(pipe, a.quantize, _parts(a.quantize_parts))
     paths = _output_paths(a.output, a.num_images, a.seed)
     images = pipe(a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance, sampler=a.sampler,
                   karras=a.karras, seed=a.seed, width=a.width, height=a.height, num_images=a.num_images,
@@ -200,10 +209,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    "values from FxF-pooled tokens at the highest resolution (2 in its paper; default 1: off)")
     p.add_argument("--keep-memory", action="store_true", help="glibc malloc keeps freed memory for the next "
                    "tensors (fewstep.accel.keep_memory; fewstep's process only)")
-    from .bench import SCHEMES  # no torch import: the parser stays fast
-    p.add_argument("--quantize", default=None, choices=SCHEMES)
-    p.add_argument("--quantize-parts", default="unet", metavar="PARTS",
-                   help="what --quantize quantizes, comma-separated: unet, text, decoder (default unet)")
+    _quantize_args(p)
     p.add_argument("--runs", type=int, default=3, help="timed images per process")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first, per process")
     p.add_argument("--rounds", type=int, default=1, help="processes per library, alternating with diffusers")
@@ -220,7 +226,7 @@ def cmd_bench(a: argparse.Namespace) -> None:
     options = Options(a.model, a.random_weights, a.work_dir, a.compare, a.runs, a.warmup, a.rounds, a.threads, a.seed)
     settings = Settings(a.resolution, a.steps, a.batch, a.guidance, a.device, a.dtype, a.channels_last, a.fuse_qkv,
                         a.decoder, a.compile, a.compile_mode, parse_cache(a.cache), a.quantize,
-                        tuple(p.strip() for p in a.quantize_parts.split(",")), a.token_downsample,
+                        _parts(a.quantize_parts), a.token_downsample,
                         a.keep_memory)
     report = run_bench(settings, options, log=lambda m: print(m, file=sys.stderr, flush=True))
     sys.stdout.write(table(report))

@@ -127,16 +127,12 @@ def nearest_up_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int] | No
     doubling runs as `upsample_conv` (2.25x fewer multiply-adds, equal up to float rounding; about
     2x faster on CPU at the VAE decoder's sizes); smaller inputs and odd sizes run as written."""
     h, w = x.shape[-2:]
-    exact = size is None or tuple(size) == (2 * h, 2 * w)
-    if isinstance(conv, nn.Conv2d) and exact and h * w >= FOLD_MIN_PIXELS:  # int8 convs have no weight to fold
+    size = (2 * h, 2 * w) if size is None else tuple(size)
+    if not isinstance(conv, nn.Conv2d):  # an int8 conv (fewstep.int8): no float weight to fold; it
+        return conv(x, upsample=size)  # enlarges its quantized input
+    if size == (2 * h, 2 * w) and h * w >= FOLD_MIN_PIXELS:
         return upsample_conv(x, folded_kernel(conv), conv.bias)
-    if not isinstance(conv, nn.Conv2d):  # an int8 conv (fewstep.int8) enlarges its quantized input
-        return conv(x, upsample=(2 * h, 2 * w) if size is None else tuple(size))
-    if size is None:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-    else:
-        x = F.interpolate(x, size=size, mode="nearest")
-    return conv(x)
+    return conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class Upsample2D(nn.Module):
