@@ -53,7 +53,9 @@ def test_every_stage_writes_its_outputs(run):
         assert all(math.isfinite(v) for r in rows for v in r.values()), stage
         assert (out / "logs" / f"{stage}.png").stat().st_size > 1000, stage
         assert (out / "checkpoints" / stage / "model.safetensors").is_file(), stage
-    assert json.loads((out / "shapes-turbo" / "fewstep.json").read_text()) == {"steps": 4, "guidance": 0.0}
+    assert json.loads((out / "shapes-turbo" / "fewstep.json").read_text()) == {"steps": 4, "guidance": 0.0,
+                                                                              "sampler": "lcm"}
+    assert json.loads((out / "shapes-teacher" / "fewstep.json").read_text())["sampler"] == "euler_a"
     for name, spacing, prediction in (("shapes-turbo", "trailing", "v_prediction"),
                                       ("shapes-teacher", "linspace", "epsilon")):
         scheduler = json.loads((out / name / "scheduler" / "scheduler_config.json").read_text())
@@ -213,12 +215,13 @@ def test_export_matches_diffusers(run, name, steps, guidance):
     latents = torch.randn(2, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(7))
     theirs = ref(PROMPTS[:2], num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
                  height=size, width=size, output_type="np").images
-    ours = pipe(PROMPTS[:2], steps=steps, guidance=guidance, latents=latents, progress=False, output_type="pt")
+    ours = pipe(PROMPTS[:2], steps=steps, guidance=guidance, latents=latents, sampler="euler", progress=False,
+                output_type="pt")  # the folders' scheduler is diffusers' Euler; fewstep.json picks another sampler
     a, b = _uint8((ours / 2 + 0.5).permute(0, 2, 3, 1).numpy()), _uint8(theirs)
     assert b.std() > 5, "reference image is flat: the test could not tell pipelines apart"
     diff = np.abs(a - b)
     assert diff.mean() <= 1.0 and diff.max() <= 4, (diff.mean(), diff.max())
-    assert pipe.defaults.steps == (4 if name == "shapes-turbo" else 25)
+    assert (pipe.defaults.steps, pipe.defaults.sampler) == ((4, "lcm") if name == "shapes-turbo" else (25, "euler_a"))
 
 
 def test_resume_replays_the_straight_run(run, tmp_path):

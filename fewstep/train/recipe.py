@@ -31,10 +31,14 @@ OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model
            "vae": "vae/diffusion_pytorch_model.safetensors", "teacher": "teacher/unet/diffusion_pytorch_model.safetensors",
            "refine": "refine/unet/diffusion_pytorch_model.safetensors",
            "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
-TEACHER_DEFAULTS = {"steps": 25, "guidance": GUIDANCE}
-# 4 steps: the shipped student scores 88.8% one-object at 4 steps, 86.4% at 2 and 66.4% at 1 (500 eval
-# prompts, docs/SHAPES.md); 4 also has the highest two-object score
-STUDENT_DEFAULTS = {"steps": 4, "guidance": 0.0}
+# Sampling defaults written to each exported folder's fewstep.json, chosen by bench/sampler_study.py on
+# all 500 eval prompts (docs/SHAPES.md, "Sampler study"). The teacher: Euler ancestral, whose fresh noise
+# each step corrects what the deterministic samplers keep (98.0% / 44.0% one- / two-object against Euler's
+# 96.8% / 37.6% on the shipped teacher).
+TEACHER_DEFAULTS = {"steps": 25, "guidance": GUIDANCE, "sampler": "euler_a"}
+# The student: 4 steps of LCM's sampler (jump to x0, re-noise with fresh noise), the very move ADD trains
+# it on (98.8% / 45.6% against Euler's 94.8% / 42.4% at 4 steps); 4 steps also beat 2 (93.6%) and 1 (78.8%).
+STUDENT_DEFAULTS = {"steps": 4, "guidance": 0.0, "sampler": "lcm"}
 
 
 def hyper(stage: str, tiny: bool, scale: float = 1.0, **overrides) -> Hyper:
