@@ -59,11 +59,8 @@ def measure(pipe, a: argparse.Namespace, model: Path) -> list[tuple]:
 
     from fewstep.bench import psnr
     from fewstep.deepcache import DeepCache
-    from fewstep.evaluation import TinyCLIPScorer, evaluate
-    from fewstep.shapes.caption import sample_prompts
-    from fewstep.shapes.render import batch
-    prompts = sample_prompts(a.seed, a.n)
-    clip, reference = TinyCLIPScorer(), batch(a.seed + 1, a.n, drop=0.0)[0]  # as `fewstep eval` does
+    from fewstep.evaluation import eval_set, evaluate
+    prompts, clip, reference = eval_set(a.seed, a.n)  # as `fewstep eval` does
     evaluate(pipe, prompts[:min(a.batch, a.n)], a.steps, a.seed, batch=a.batch)  # warm-up
     rows, base = [], None
     for interval in sorted({int(i) for i in a.intervals.split(",")} | {1}):

@@ -99,10 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     import fewstep
-    from fewstep.evaluation import TinyCLIPScorer
+    from fewstep.evaluation import eval_set
     from fewstep.loading import ASSETS
-    from fewstep.shapes.caption import sample_prompts
-    from fewstep.shapes.render import batch
     model = Path(a.model) if a.model else ASSETS / "shapes-teacher"
     if not (model / "model_index.json").is_file():
         raise SystemExit(f"error: no model at {model}: pass --model (a shapes model folder)")
@@ -110,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     pipe = fewstep.load(model)
-    prompts = sample_prompts(a.seed, a.n)
-    clip = None if a.no_clip else TinyCLIPScorer()
-    reference = None if clip is None else batch(a.seed + 1, a.n, drop=0.0)[0]
+    prompts, clip, reference = eval_set(a.seed, a.n, not a.no_clip)
     rows = study(pipe, runs, prompts, a.seed, clip, reference, a.batch, a.guidance)
     guidance = pipe.defaults.guidance if a.guidance is None else a.guidance
 

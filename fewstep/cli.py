@@ -164,14 +164,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     import fewstep
 
-    from .evaluation import TinyCLIPScorer, evaluate, markdown, sample_grid
-    from .shapes.caption import sample_prompts
-    from .shapes.render import batch
+    from .evaluation import eval_set, evaluate, markdown, sample_grid
     pipe = fewstep.load(a.model)
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [pipe.defaults.steps]
-    prompts = sample_prompts(a.seed, a.n)
-    clip = None if a.no_clip else TinyCLIPScorer(a.clip)
-    reference = None if clip is None else batch(a.seed + 1, a.n, drop=0.0)[0]
+    prompts, clip, reference = eval_set(a.seed, a.n, not a.no_clip, a.clip)
     results, columns = [], {}
     for s in steps:
         r, images = evaluate(pipe, prompts, s, a.seed, clip, reference, guidance=a.guidance, sampler=a.sampler)

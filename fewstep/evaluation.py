@@ -85,6 +85,16 @@ def markdown(results: list[EvalResult], model: str) -> str:
     return "\n".join(lines)
 
 
+def eval_set(seed: int, n: int, clip: bool = True, clip_folder=None) -> tuple[list[str], object, np.ndarray | None]:
+    """What `fewstep eval` scores against: the fixed prompts `sample_prompts(seed, n)`, the tiny-CLIP
+    scorer (None with clip=False) and, for the Fréchet distance, n renderer images of seed + 1."""
+    from .shapes.caption import sample_prompts
+    from .shapes.render import batch
+    if not clip:
+        return sample_prompts(seed, n), None, None
+    return sample_prompts(seed, n), TinyCLIPScorer(clip_folder), batch(seed + 1, n, drop=0.0)[0]
+
+
 class TinyCLIPScorer:
     """The shipped tiny CLIP (fewstep/assets/shapes-clip) as `evaluate` wants it: `score(x, prompts)`
     (cosine similarity of image and prompt embeddings) and `features(x)`, x in [-1, 1]."""
