@@ -16,7 +16,8 @@ from torch import nn
 
 from .builtin import Family
 
-CONTEXT_TOKENS = 77  # CLIP's context length: the key/value length of every cross-attention
+CONTEXT_TOKENS = 77  # CLIP's context length: the key/value length of every cross-attention (a model whose
+# text encoder has fewer positions, like shapes-turbo's 32, uses its own: `context_tokens`)
 # Blocks of each component kind: name patterns over the state-dict prefixes (the subtotal level).
 UNET_BLOCKS = r"conv_in|time_embedding|add_embedding|down_blocks\.\d+|mid_block|up_blocks\.\d+|conv_norm_out|conv_out"
 TEXT_BLOCKS = r"text_model\.embeddings|text_model\.encoder\.layers\.\d+|text_model\.final_layer_norm|text_projection"
@@ -34,9 +35,14 @@ def _meta(*shape, dtype=torch.float32) -> torch.Tensor:
     return torch.empty(shape, device="meta", dtype=dtype)
 
 
-def _unet_inputs(cfg, b: int, h: int, w: int, dtype) -> dict[str, torch.Tensor]:
+def context_tokens(fam: Family) -> int:
+    """The text context's length: the first text encoder's positions (77 for every SD family)."""
+    return min((cfg.max_position_embeddings for cfg in fam.text), default=CONTEXT_TOKENS)
+
+
+def _unet_inputs(cfg, b: int, h: int, w: int, dtype, tokens: int = CONTEXT_TOKENS) -> dict[str, torch.Tensor]:
     kw = dict(x=_meta(b, cfg.in_channels, h, w, dtype=dtype), t=_meta(b),
-              context=_meta(b, CONTEXT_TOKENS, cfg.cross_attention_dim, dtype=dtype))
+              context=_meta(b, tokens, cfg.cross_attention_dim, dtype=dtype))
     if cfg.addition_time_embed_dim is not None:  # SDXL: pooled text + 6 size/crop ids
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         kw.update(text_embeds=_meta(b, pooled, dtype=dtype), time_ids=_meta(b, 6))
@@ -64,11 +70,11 @@ def plans(fam: Family, res: int, batch: int, dtype: torch.dtype) -> list[Plan]:
     out = []
     if fam.unet is not None:
         from .models.unet import UNet
-        unet, kw = _build(lambda: UNet(fam.unet), dtype), _unet_inputs(fam.unet, batch, h, w, dtype)
+        unet, kw = _build(lambda: UNet(fam.unet), dtype), _unet_inputs(fam.unet, batch, h, w, dtype, context_tokens(fam))
         out.append(Plan("unet", "unet", "unet", "per step", UNET_BLOCKS, unet, lambda: unet(**kw), kw))
     for i, cfg in enumerate(fam.text):
         from .models.clip import CLIPTextModel
-        enc, ids = _build(lambda c=cfg: CLIPTextModel(c), dtype), _meta(batch, CONTEXT_TOKENS, dtype=torch.long)
+        enc, ids = _build(lambda c=cfg: CLIPTextModel(c), dtype), _meta(batch, context_tokens(fam), dtype=torch.long)
         name, role = ("text_encoder", "text") if i == 0 else (f"text_encoder_{i + 1}", f"text_{i + 1}")
         out.append(Plan(name, role, name, "per image", TEXT_BLOCKS, enc, lambda m=enc, x=ids: m(x), {"input_ids": ids}))
     ae = fam.vae or fam.tae

@@ -322,6 +322,19 @@ def test_shipped_models_are_found_by_name(tmp_path, monkeypatch, capsys):
     assert "shipped model (shapes-turbo)" in capsys.readouterr().err
 
 
+def test_context_length_follows_the_text_encoder():
+    """A text encoder with fewer positions than CLIP's 77 (shapes-turbo's 32) sets the text input and
+    every cross-attention's key/value length; the SD families keep 77."""
+    fam = replace(BUILTINS["sd-turbo"], name="short", text=(replace(BUILTINS["sd-turbo"].text[0],
+                                                                     max_position_embeddings=32),))
+    r = inspect_model(fam, 256)
+    assert {a.kv_len for a in r.unet.attention if a.kind == "cross"} == {32}
+    embeddings = r.component("text_encoder").layers[0]
+    assert (embeddings.name, embeddings.input_shape, embeddings.output_shape) == \
+        ("text_model.embeddings", (1, 32), (1, 32, 1024))
+    assert {a.kv_len for a in report("sd-turbo").unet.attention if a.kind == "cross"} == {77}
+
+
 @requires_shared
 def test_taesd_files_are_counted_from_their_headers():
     from safetensors import safe_open

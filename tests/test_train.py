@@ -192,9 +192,11 @@ def test_tokenizer_matches_transformers(run):
     from fewstep.tokenizer import CLIPTokenizer
     folder = run[0] / "tokenizer"
     ours = CLIPTokenizer.from_folder(folder)(PROMPTS)
-    ref = Reference.from_pretrained(folder)(PROMPTS, padding="max_length", max_length=77, truncation=True,
-                                            return_tensors="pt").input_ids
-    assert torch.equal(ours, ref)
+    reference = Reference.from_pretrained(folder)
+    assert reference.model_max_length == 32  # Sizes.context, written to tokenizer_config.json
+    ref = reference(PROMPTS, padding="max_length", max_length=reference.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    assert ours.shape == (len(PROMPTS), 32) and torch.equal(ours, ref)
     words = ours[0][1:ours[0].tolist().index(ours[0][-1].item())]
     assert len(words) == 8  # every caption word is one token: "a large red circle at the top left"
 

@@ -9,7 +9,7 @@ conv net, not a ViT; it is kept, with the text projection, in `clip/image_tower.
 the CLIP-score and FID-feature model (`load_clip`, `clip_score`, `TinyCLIP.features`).
 
 Captions are at most ~24 tokens, so training runs the transformer on the first L positions only:
-attention is causal, so the EOS state it pools is the same as with all 77.
+attention is causal, so the EOS state it pools is the same as with all `Sizes.context` positions.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def text_config(sizes: Sizes, tokenizer_folder: Path) -> CLIPTextConfig:
     """The text transformer's config: sizes from `Sizes`, vocabulary and token ids from the tokenizer."""
     from .tokenizer import BOS, EOS
     vocab = read_json(Path(tokenizer_folder) / "vocab.json")
-    return CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=77, hidden_act="quick_gelu",
+    return CLIPTextConfig(vocab_size=len(vocab), max_position_embeddings=sizes.context, hidden_act="quick_gelu",
                           bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS], **sizes.text)
 
 

@@ -113,7 +113,7 @@ class ADD:
 
     def __init__(self, stage: Stage, teacher: nn.Module, student: nn.Module, disc: nn.Module, empty: torch.Tensor,
                  disc_lr: float):
-        self.stage, self.teacher, self.empty, self.disc_lr = stage, teacher, empty, disc_lr  # empty: "" [1, 77, D]
+        self.stage, self.teacher, self.empty, self.disc_lr = stage, teacher, empty, disc_lr  # empty: "" [1, L, D]
         self.ac = alphas_cumprod(TRAIN_SCHEDULE)
         h, accel = stage.hyper, stage.accel
         opt = torch.optim.AdamW(student.parameters(), lr=h.lr, betas=(0.0, 0.99), weight_decay=0.0)

@@ -60,7 +60,8 @@ def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: 
         state = PartialState(cpu=True)
         if state.is_main_process and stage == "tokenizer":
             from .tokenizer import train_tokenizer
-            report["vocab"] = len(train_tokenizer(out / "tokenizer", seed=seed, n=2000 if tiny else 20000))
+            report["vocab"] = len(train_tokenizer(out / "tokenizer", seed=seed, n=2000 if tiny else 20000,
+                                                   max_length=sizes(tiny).context))
         elif state.is_main_process:
             import torch
 

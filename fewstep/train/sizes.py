@@ -18,6 +18,9 @@ from .loop import Hyper
 @dataclass(frozen=True)
 class Sizes:
     image: int  # training image side (the renderer's `size`)
+    context: int  # text tokens (BOS + caption + EOS + padding): the tokenizer's model_max_length and
+    # the text encoder's positions. The longest caption of the grammar is 23 tokens; with SD's 77 the
+    # tuned text layers and every cross-attention ran over 54 positions of padding (docs/SHAPES.md).
     text: dict  # CLIPTextConfig fields; vocab size and token ids come from the trained tokenizer
     tower: tuple[int, ...]  # channels of the CLIP image tower's stride-2 convs
     embed: int  # CLIP joint embedding width
@@ -35,6 +38,7 @@ def _unet(channels, attention, heads, context, groups, sample) -> UNetConfig:
 
 FULL = Sizes(
     image=128,
+    context=32,
     text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
     tower=(16, 32, 64, 128), embed=128,
     vae=VAEConfig(block_out_channels=(8, 16, 32, 64), layers_per_block=1, norm_num_groups=1, force_upcast=False),
@@ -43,6 +47,7 @@ FULL = Sizes(
 
 TINY = Sizes(
     image=64,
+    context=32,
     text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2),
     tower=(4, 8, 8, 16), embed=16,
     vae=VAEConfig(block_out_channels=(4, 4, 8, 8), layers_per_block=1, norm_num_groups=1, force_upcast=False),

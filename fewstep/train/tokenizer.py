@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-MAX_LENGTH = 77  # the CLIP context every SD pipeline pads to
+MAX_LENGTH = 77  # the CLIP context every SD pipeline pads to (the default; shapes-turbo uses Sizes.context)
 
 
 def bytes_to_unicode() -> list[str]:
@@ -70,21 +70,23 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
 
 
-def save(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]]) -> None:
+def save(folder: Path, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = MAX_LENGTH) -> None:
     """vocab.json, merges.txt and the two JSON files transformers and fewstep read the specials from."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
     special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    config = {**special, "model_max_length": MAX_LENGTH, "add_prefix_space": False, "do_lower_case": True,
+    config = {**special, "model_max_length": max_length, "add_prefix_space": False, "do_lower_case": True,
               "clean_up_tokenization_spaces": True, "tokenizer_class": "CLIPTokenizer"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def train_tokenizer(folder: Path, seed: int = 0, n: int = 20000, vocab_size: int = 1024) -> dict[str, int]:
-    """Learn the tokenizer from n captions and write it to `folder`; returns the vocabulary."""
+def train_tokenizer(folder: Path, seed: int = 0, n: int = 20000, vocab_size: int = 1024,
+                    max_length: int = MAX_LENGTH) -> dict[str, int]:
+    """Learn the tokenizer from n captions and write it to `folder` (padding prompts to `max_length`
+    tokens); returns the vocabulary."""
     merges = learn_merges(captions(seed, n), vocab_size)
     vocab = clip_vocab(merges)
-    save(Path(folder), vocab, merges)
+    save(Path(folder), vocab, merges, max_length)
     return vocab
