@@ -159,6 +159,17 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", default=None, help="write a prompts x steps sample grid PNG here")
     p.add_argument("--clip", default=None, help="a trained tiny-CLIP folder (RUN/clip; default: the built-in one)")
     p.add_argument("--no-clip", action="store_true", help="skip the tiny-CLIP score and Fréchet distance")
+    p.add_argument("--why", action="store_true", help="also count why the wrong images are wrong "
+                   "(position, extra object, binding, ...) per step count")
+
+
+def why_line(steps: int, prompts: list[str], images) -> str:
+    """'4 steps, wrong: one-object: extra object 5, ...; two-object: position 38, ...' (most common first)."""
+    from .shapes.evaluate import failures
+    counts = failures(prompts, list(images))
+    parts = [f"{n}-object: " + (", ".join(f"{k} {v}" for k, v in counts[n].most_common() if k != "right") or "none")
+             for n in (1, 2) if sum(counts[n].values())]
+    return f"{steps} steps, wrong: " + "; ".join(parts)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
@@ -174,6 +185,8 @@ def cmd_eval(a: argparse.Namespace) -> None:
         results.append(r)
         columns[s] = images
         print(markdown([r], pipe.name).splitlines()[-1], flush=True)
+        if a.why:
+            print(why_line(s, prompts, images), flush=True)
     print(markdown(results, pipe.name))
     if a.grid:
         path = Path(a.grid)

@@ -44,3 +44,16 @@ def test_evaluate_scores_a_perfect_and_a_wrong_model():
     bad, _ = evaluate(FakePipe(images, captions, rotate=1), captions, steps=1, batch=7)
     assert bad.one < 0.3 and bad.two < 0.3
     assert "| m | 1 | 100.0%" in markdown([good], "m")
+
+
+def test_why_line_counts_every_wrong_image():
+    from fewstep.cli import why_line
+    images, captions, _ = batch(5, 40, drop=0.0)
+    assert why_line(4, captions, images) == "4 steps, wrong: 1-object: none; 2-object: none"
+    line = why_line(1, captions, np.roll(images, 1, axis=0))  # every image shows the next prompt's scene
+    one, two = line.removeprefix("1 steps, wrong: ").split("; ")
+    counts = [int(part.rsplit(" ", 1)[1]) for part in (one.split(": ", 1)[1] + ", " + two.split(": ", 1)[1]).split(", ")]
+    assert one.startswith("1-object: ") and two.startswith("2-object: ")
+    from fewstep.shapes.evaluate import score
+    wrong = sum(not score(c, im) for c, im in zip(captions, np.roll(images, 1, axis=0)))
+    assert sum(counts) == wrong >= 35  # each wrong image counted once; few shifted scenes fit their prompt

@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 
 from fewstep.errors import FewstepError
 from fewstep.shapes.caption import Prompt, Wanted, caption, parse_prompt, sample_prompts
-from fewstep.shapes.evaluate import accuracy, as_image, matches, parse_image, score
+from fewstep.shapes.evaluate import FAILURES, accuracy, as_image, failure, failures, matches, parse_image, score
 from fewstep.shapes.render import COLORS, MARGIN, POSITIONS, SHAPES, Obj, Scene, batch, render, sample_scene
 
 N = 1000
@@ -191,3 +191,34 @@ def test_evaluator_edges():
     with pytest.raises(FewstepError, match="too small"):
         render(scene, 16)
     assert len(POSITIONS) == 9
+
+
+def test_failure_names_what_is_wrong():
+    """`failure` (fewstep eval --why) on a render whose prompt is wrong in one known way."""
+    scene = Scene((Obj("red", "circle", "large", "on the left"), Obj("blue", "square", "small", "at the top right")),
+                  "white")
+    image = render(scene)
+    cases = {
+        "a large red circle on the left and a small blue square at the top right on a white background": None,
+        "a large red circle on the left and a small blue square at the top right on a black background": "background",
+        "a large red circle on the left": "extra object",
+        "a large red circle at the bottom and a small blue square at the top right": "position",
+        "a small red circle on the left and a small blue square at the top right": "size",
+        "a large blue circle on the left and a small red square at the top right": "binding",
+        "a large blue circle and a small blue square": "colour",
+        "a large red triangle and a small blue square": "shape",
+        "a small green triangle at the bottom and a small blue square": "several",
+    }
+    for prompt, why in cases.items():
+        assert failure(prompt, image) == why, prompt
+    lone = render(Scene((Obj("red", "circle", "large", "on the left"),), "white"))
+    assert failure("a red circle and a blue square", lone) == "missing object"
+    blob = np.array(lone)
+    blob[60:68, 30:110] = COLORS["red"]  # a bar grows out of the circle: no ideal shape fits
+    assert failure("a red circle", blob) == "blob"
+    counts = failures(list(cases) + ["a red circle and a blue square"], [image] * len(cases) + [lone])
+    assert counts[1] == {"extra object": 1}
+    assert counts[2]["right"] == 1 and counts[2]["missing object"] == 1 and sum(counts[2].values()) == len(cases)
+    assert set(why for why in cases.values() if why) | {"missing object", "blob"} == set(FAILURES)
+    with pytest.raises(FewstepError, match="2 prompts but 1 images"):
+        failures(["a red circle", "a red circle"], [lone])

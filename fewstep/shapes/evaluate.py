@@ -14,7 +14,8 @@ centre give the size and the nearest of the nine positions. Everything is numpy:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -176,6 +177,51 @@ def score(prompt: str | Prompt, image) -> bool:
     """Whether the image shows what the prompt states, and nothing more (see `matches`)."""
     prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     return matches(prompt, *parse_image(image))
+
+
+# Why an image fails its prompt, in the order `failure` tries them (the first that fits names it).
+FAILURES = ("background", "missing object", "extra object", "blob", "position", "size", "binding", "colour",
+            "shape", "several")
+
+
+def _loosen(prompt: Prompt, **unstated) -> Prompt:
+    return replace(prompt, objects=tuple(replace(o, **unstated) for o in prompt.objects))
+
+
+def failure(prompt: str | Prompt, image) -> str | None:
+    """None when the image is right, else why not (one of FAILURES): a wrong background; fewer or more
+    objects than asked; an object no ideal shape fits; then the one attribute that, left unstated,
+    makes the image right (position, size, colour, shape), except that a colour error where the image
+    has exactly the two colours asked, on the wrong objects, is 'binding'; 'several' for the rest."""
+    prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+    found, background = parse_image(image)
+    if matches(prompt, found, background):
+        return None
+    if prompt.background is not None and prompt.background != background:
+        return "background"
+    if len(found) != len(prompt.objects):
+        return "missing object" if len(found) < len(prompt.objects) else "extra object"
+    if any(f.shape == "blob" for f in found):
+        return "blob"
+    fits = {k: matches(_loosen(prompt, **{k: None}), found, background) for k in ("position", "size", "color", "shape")}
+    if fits["position"] or fits["size"]:
+        return "position" if fits["position"] else "size"
+    colours = sorted(o.color for o in prompt.objects if o.color is not None)
+    if fits["color"] and len(colours) == 2 and colours == sorted(f.color for f in found):
+        return "binding"
+    return "colour" if fits["color"] else "shape" if fits["shape"] else "several"
+
+
+def failures(prompts: list[str], images) -> dict[int, Counter]:
+    """`failure` of each image, counted per number of objects in the prompt: {1: Counter, 2: Counter},
+    right images counted under 'right'."""
+    if len(prompts) != len(images):
+        raise FewstepError(f"failures(): {len(prompts)} prompts but {len(images)} images")
+    out = {1: Counter(), 2: Counter()}
+    for text, image in zip(prompts, images):
+        prompt = parse_prompt(text)
+        out[len(prompt.objects)][failure(prompt, image) or "right"] += 1
+    return out
 
 
 def accuracy(prompts: list[str], images) -> dict:
