@@ -164,7 +164,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def why_line(steps: int, prompts: list[str], images) -> str:
-    """'4 steps, wrong: one-object: extra object 5, ...; two-object: position 38, ...' (most common first)."""
+    """'4 steps, wrong: 1-object: extra object 5, ...; 2-object: position 38, ...' (most common first)."""
     from .shapes.evaluate import failures
     counts = failures(prompts, list(images))
     parts = [f"{n}-object: " + (", ".join(f"{k} {v}" for k, v in counts[n].most_common() if k != "right") or "none")

@@ -34,7 +34,7 @@ OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model
 # `fewstep eval` (docs/SHAPES.md, "Sampler study" and "Ninth session"). The teacher: Euler ancestral, whose
 # fresh noise each step corrects what the deterministic samplers keep (98.0% / 44.0% one- / two-object
 # against Euler's 96.8% / 37.6% on the eighth session's teacher), at guidance 4: on the ninth session's
-# teacher it beat 5 (the distillation target, GUIDANCE) on all three 500-prompt seeds tried, chosen on
+# teacher it beat 5 (the distillation target, teacher.GUIDANCE) on all three 500-prompt seeds tried, chosen on
 # seeds 1 and 2 (98.8 / 52.4 and 98.0 / 50.4 against 98.0 / 48.8 and 97.6 / 49.2).
 TEACHER_DEFAULTS = {"steps": 25, "guidance": 4.0, "sampler": "euler_a"}
 # The student: 4 steps of LCM's sampler (jump to x0, re-noise with fresh noise), the very move ADD trains
