@@ -60,9 +60,9 @@ SETTINGS = {
         "clip": Hyper(steps=800, batch=128, lr=1e-3, warmup=100),
         "vae": Hyper(steps=3000, batch=16, lr=1e-3, warmup=100),
         "teacher": Hyper(steps=4500, batch=32, lr=5e-4, warmup=200, workers=1, preview_every=500),
-        "refine": Hyper(steps=2000, batch=32, lr=6e-4, warmup=200, workers=1, preview_every=500, text_layers=4,
+        "refine": Hyper(steps=5000, batch=32, lr=6e-4, warmup=200, workers=1, preview_every=500, text_layers=4,
                         offset_noise=0.1),
-        "student": Hyper(steps=1000, batch=32, lr=1e-4, warmup=50, workers=1, preview_every=250),
+        "student": Hyper(steps=2000, batch=32, lr=1e-4, warmup=50, workers=1, preview_every=250),
     },
     "tiny": {
         "clip": Hyper(steps=6, batch=8, lr=1e-3, warmup=2, log_every=2, ckpt_every=3),

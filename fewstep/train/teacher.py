@@ -8,9 +8,9 @@ works, and an EMA of the weights as the model. The loss is weighted by min-SNR-5
 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"), which converges several
 times faster than the plain epsilon loss: the budget here is an hour of CPU.
 
-Stage 5, refine, is this same training continued from the teacher (`init`) for 2,000 steps at
+Stage 5, refine, is this same training continued from the teacher (`init`) for 5,000 steps at
 6e-4 (the teacher's peak is 5e-4) with the two options below on, all four text layers tuned
-(docs/SHAPES.md compares 2 and 4 layers, 3e-4 and 6e-4, 1,000 and 2,000 steps): trained from the start with
+(docs/SHAPES.md compares 2 and 4 layers, 3e-4 and 6e-4, 1,000 to 5,000 steps): trained from the start with
 them, the teacher lost its positions (docs/SHAPES.md); after it has learned places, they keep
 them and lift colour binding. Three options (Hyper.text_layers, Hyper.offset_noise,
 Hyper.init), for what the frozen-CLIP teacher gets wrong:
