@@ -160,7 +160,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip", default=None, help="a trained tiny-CLIP folder (RUN/clip; default: the built-in one)")
     p.add_argument("--no-clip", action="store_true", help="skip the tiny-CLIP score and Fréchet distance")
     p.add_argument("--why", action="store_true", help="also count why the wrong images are wrong "
-                   "(position, extra object, binding, ...) per step count")
+                   "(position swap, extra object, binding, ...) per step count")
 
 
 def why_line(steps: int, prompts: list[str], images) -> str:

@@ -42,6 +42,26 @@ def test_batch_is_deterministic():
     assert render(scenes[0], 256).shape == (256, 256, 3)
 
 
+def test_batch_mix_of_one_and_two_object_scenes():
+    """`two` is the fraction of two-object scenes: its default 0.5 draws exactly the scenes and captions of
+    sample_scene(rng) + caption (what the shipped stages trained on), 0 and 1 draw one kind only, and a
+    probability outside [0, 1] is a one-line error."""
+    rng = np.random.default_rng(7)
+    scenes, captions = [], []
+    for _ in range(12):
+        scenes.append(sample_scene(rng))
+        captions.append(caption(scenes[-1], rng, 0.5))
+    assert batch(7, 12, drop=0.5)[1:] == (captions, scenes)
+    assert {len(s.objects) for s in batch(7, 40, two=1.0)[2]} == {2}
+    assert {len(s.objects) for s in batch(7, 40, two=0.0)[2]} == {1}
+    assert 290 <= sum(len(s.objects) == 2 for s in batch(3, 400, two=0.8)[2]) <= 350  # 320 +- 3.5 sd
+    full = batch(3, 50, drop=0.0, two=1.0)[1]
+    assert all(" and " in c and c.count(" at the ") + c.count(" on the ") + c.count(" in the ") == 2 for c in full)
+    for bad in ({"two": 1.5}, {"drop": -0.1}):
+        with pytest.raises(FewstepError, match="between 0 and 1"):
+            batch(7, 4, **bad)
+
+
 def test_exact_palette_at_centres_and_on_background(renders):
     images, _, scenes, _ = renders
     for image, scene in zip(images, scenes):
@@ -203,6 +223,8 @@ def test_failure_names_what_is_wrong():
         "a large red circle on the left and a small blue square at the top right on a black background": "background",
         "a large red circle on the left": "extra object",
         "a large red circle at the bottom and a small blue square at the top right": "position",
+        "a large red circle at the top right and a small blue square on the left": "position swap",
+        "a large red circle at the top right and a small blue square": "position swap",
         "a small red circle on the left and a small blue square at the top right": "size",
         "a large blue circle on the left and a small red square at the top right": "binding",
         "a large blue circle and a small blue square": "colour",

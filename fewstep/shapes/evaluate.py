@@ -180,8 +180,8 @@ def score(prompt: str | Prompt, image) -> bool:
 
 
 # Why an image fails its prompt, in the order `failure` tries them (the first that fits names it).
-FAILURES = ("background", "missing object", "extra object", "blob", "position", "size", "binding", "colour",
-            "shape", "several")
+FAILURES = ("background", "missing object", "extra object", "blob", "position swap", "position", "size", "binding",
+            "colour", "shape", "several")
 
 
 def _loosen(prompt: Prompt, **unstated) -> Prompt:
@@ -191,8 +191,9 @@ def _loosen(prompt: Prompt, **unstated) -> Prompt:
 def failure(prompt: str | Prompt, image) -> str | None:
     """None when the image is right, else why not (one of FAILURES): a wrong background; fewer or more
     objects than asked; an object no ideal shape fits; then the one attribute that, left unstated,
-    makes the image right (position, size, colour, shape), except that a colour error where the image
-    has exactly the two colours asked, on the wrong objects, is 'binding'; 'several' for the rest."""
+    makes the image right (position, size, colour, shape), except that a position error where every
+    stated position holds an object, the wrong one, is 'position swap', and a colour error where the
+    image has exactly the two colours asked, on the wrong objects, is 'binding'; 'several' for the rest."""
     prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     found, background = parse_image(image)
     if matches(prompt, found, background):
@@ -204,8 +205,12 @@ def failure(prompt: str | Prompt, image) -> str | None:
     if any(f.shape == "blob" for f in found):
         return "blob"
     fits = {k: matches(_loosen(prompt, **{k: None}), found, background) for k in ("position", "size", "color", "shape")}
-    if fits["position"] or fits["size"]:
-        return "position" if fits["position"] else "size"
+    if fits["position"]:
+        stated = {o.position for o in prompt.objects if o.position is not None}
+        swapped = len(found) == 2 and stated <= {f.position for f in found}
+        return "position swap" if swapped else "position"
+    if fits["size"]:
+        return "size"
     colours = sorted(o.color for o in prompt.objects if o.color is not None)
     if fits["color"] and len(colours) == 2 and colours == sorted(f.color for f in found):
         return "binding"
