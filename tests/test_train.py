@@ -22,12 +22,12 @@ import fewstep
 from fewstep.errors import FewstepError
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ("clip", "vae", "teacher", "refine", "student")
+TRAINED = ("clip", "vae", "teacher", "refine", "pairs", "student")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The whole tiny recipe, once: tokenizer, CLIP, VAE, teacher, refine, student, export."""
+    """The whole tiny recipe, once: tokenizer, CLIP, VAE, teacher, refine, pairs, student, export."""
     from fewstep.train.recipe import run_all
     out = tmp_path_factory.mktemp("train") / "run"
     report = run_all(out, tiny=True, seed=0)
@@ -36,15 +36,16 @@ def run(tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(run):
     out, report = run
-    assert list(report) == ["tokenizer", "clip", "vae", "teacher", "refine", "student", "export"]
+    assert list(report) == ["tokenizer", "clip", "vae", "teacher", "refine", "pairs", "student", "export"]
     for path in ("tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
                  "tokenizer/special_tokens_map.json", "clip/text_encoder/model.safetensors",
                  "clip/image_tower.safetensors", "vae/diffusion_pytorch_model.safetensors",
                  "teacher/unet/diffusion_pytorch_model.safetensors", "teacher/text_encoder/model.safetensors",
                  "refine/unet/diffusion_pytorch_model.safetensors", "refine/text_encoder/model.safetensors",
+                 "pairs/unet/diffusion_pytorch_model.safetensors", "pairs/text_encoder/model.safetensors",
                  "student/unet/diffusion_pytorch_model.safetensors",
                  "shapes-teacher/model_index.json", "shapes-turbo/fewstep.json", "report.json",
-                 "samples/teacher-00006.png", "samples/refine-00006.png",
+                 "samples/teacher-00006.png", "samples/refine-00006.png", "samples/pairs-00006.png",
                  "samples/student-00006.png"):
         assert (out / path).is_file(), path
     for stage in TRAINED:
@@ -64,10 +65,10 @@ def test_every_stage_writes_its_outputs(run):
     assert {v.dtype for v in weights.values()} == {torch.float16}
 
 
-@pytest.mark.parametrize("stage,start", [("refine", "teacher"), ("student", "refine")])
+@pytest.mark.parametrize("stage,start", [("refine", "teacher"), ("pairs", "refine"), ("student", "pairs")])
 def test_stage_starts_from_the_last_and_moves(run, stage, start):
-    """refine fine-tunes the teacher, the student is distilled from the refined teacher: each starts
-    from the earlier UNet (6 small steps away), not re-initialised."""
+    """refine fine-tunes the teacher, pairs the refined teacher, the student is distilled from pairs'
+    teacher: each starts from the earlier UNet (6 small steps away), not re-initialised."""
     out, _ = run
     before = load_file(out / start / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(out / stage / "unet" / "diffusion_pytorch_model.safetensors")
@@ -77,18 +78,21 @@ def test_stage_starts_from_the_last_and_moves(run, stage, start):
 
 def test_refined_text_encoder_ships(run):
     """The recipe's teacher keeps the CLIP stage's text encoder frozen (its copy in OUT/teacher equals
-    the CLIP's); refine tunes exactly its last layer (tiny: text_layers 1) and final LayerNorm, and
-    both exported folders carry the refined one (fp16)."""
+    the CLIP's); refine tunes exactly its last layer (tiny: text_layers 1) and final LayerNorm, pairs
+    tunes the same ones on, and both exported folders carry pairs' (fp16)."""
     out, _ = run
     clip = load_file(out / "clip" / "text_encoder" / "model.safetensors")
     teacher = load_file(out / "teacher" / "text_encoder" / "model.safetensors")
     assert clip.keys() == teacher.keys() and all(torch.equal(clip[k], teacher[k]) for k in clip)
     refined = load_file(out / "refine" / "text_encoder" / "model.safetensors")
     moved = {k for k in clip if not torch.equal(clip[k], refined[k])}
-    assert moved == {k for k in clip if k.startswith(("text_model.encoder.layers.1.", "text_model.final_layer_norm."))}
+    tuned = {k for k in clip if k.startswith(("text_model.encoder.layers.1.", "text_model.final_layer_norm."))}
+    assert moved == tuned
+    final = load_file(out / "pairs" / "text_encoder" / "model.safetensors")
+    assert {k for k in clip if not torch.equal(refined[k], final[k])} == tuned
     for folder in ("shapes-teacher", "shapes-turbo"):
         shipped = load_file(out / folder / "text_encoder" / "model.safetensors")
-        assert all(torch.equal(shipped[k], refined[k].half()) for k in refined), folder
+        assert all(torch.equal(shipped[k], final[k].half()) for k in final), folder
 
 
 def test_teacher_options_tune_text_layers(run, tmp_path):
@@ -249,7 +253,7 @@ def test_resume_replays_the_straight_run(run, tmp_path):
 
 
 @pytest.mark.parametrize("stage,inputs", [("vae", ("tokenizer",)),
-                                          ("student", ("tokenizer", "clip", "vae", "refine"))])
+                                          ("student", ("tokenizer", "clip", "vae", "pairs"))])
 def test_two_processes(run, tmp_path, stage, inputs):
     """A stage data-parallel over 2 CPU processes (gloo) through `accelerate launch` (the student:
     two prepared models, the generator step through the unwrapped discriminator)."""
@@ -294,14 +298,36 @@ def test_cli_parses_and_rejects():
     a = parser.parse_args(["train", "teacher", "--out", "x", "--text-layers", "2", "--offset-noise", "0.1"])
     assert (a.text_layers, a.offset_noise) == (2, 0.1)
     assert parser.parse_args(["train", "teacher", "--out", "x", "--init", "runs/a/teacher"]).init == "runs/a/teacher"
-    with pytest.raises(FewstepError, match="options of the teacher and refine stages"):
+    with pytest.raises(FewstepError, match="options of the teacher, refine and pairs stages"):
         cmd_train(parser.parse_args(["train", "vae", "--out", "x", "--init", "runs/a/teacher"]))
-    with pytest.raises(FewstepError, match="options of the teacher and refine stages"):
+    with pytest.raises(FewstepError, match="options of the teacher, refine and pairs stages"):
         cmd_train(parser.parse_args(["train", "student", "--out", "x", "--offset-noise", "0.1"]))
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--text-layers", "1"]))
+    a = parser.parse_args(["train", "refine", "--out", "x", "--two-objects", "0.8", "--caption-drop", "0.15"])
+    assert (a.two_objects, a.caption_drop) == (0.8, 0.15)
+    with pytest.raises(FewstepError, match="--two-objects is a probability between 0 and 1, not 1.5"):
+        cmd_train(parser.parse_args(["train", "refine", "--out", "x", "--two-objects", "1.5"]))
+    with pytest.raises(FewstepError, match="--caption-drop is an option of the teacher, refine, pairs and student"):
+        cmd_train(parser.parse_args(["train", "vae", "--out", "x", "--caption-drop", "0.1"]))
+    with pytest.raises(FewstepError, match="--scale"):
+        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--two-objects", "0.8"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "decoder", "--out", "x"])
+
+
+def test_latent_data_draws_the_stage_mix(run):
+    """LatentData renders the stage's scene mix: (two-object fraction, caption-part drop) = (1, 0) gives
+    full two-object captions only, and the default mix is the renderer's default batch."""
+    from fewstep.shapes.render import batch
+    from fewstep.train.common import seed_for
+    from fewstep.train.sizes import TINY
+    from fewstep.train.teacher import LatentData
+    text = run[0] / "clip" / "text_encoder"
+    two = LatentData(run[0], "teacher", TINY, 0, 6, 0, 0.0, text, mix=(1.0, 0.0))(3)["captions"]
+    assert all(" and " in c and " background" in c for c in two), two
+    plain = LatentData(run[0], "teacher", TINY, 0, 6, 0, 0.0, text)(3)["captions"]
+    assert plain == batch(seed_for(0, "teacher", 3), 6, size=TINY.image)[1]
 
 
 def test_missing_input_names_the_stage_to_run(tmp_path):

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "refine", "student", "export", "all")
+STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "student", "export", "all")
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -40,15 +40,21 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-noise", type=float, default=None,
                    help="teacher: offset-noise std, a per-image per-channel constant added to the noise (default 0)")
     p.add_argument("--init", default=None, metavar="DIR",
-                   help="teacher, refine: fine-tune the trained teacher in DIR (its unet/ and text_encoder/, e.g. "
+                   help="teacher, refine, pairs: fine-tune the trained teacher in DIR (its unet/ and text_encoder/, e.g. "
                    "runs/shapes/teacher) instead of starting from random weights")
+    p.add_argument("--two-objects", type=float, default=None, metavar="P",
+                   help="teacher, refine, pairs, student: fraction of training scenes with two objects "
+                   "(default 0.5; pairs: 0.8)")
+    p.add_argument("--caption-drop", type=float, default=None, metavar="P",
+                   help="teacher, refine, pairs, student: probability each optional caption part is left out "
+                   "(default 0.3; pairs: 0.15)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train the built-in shapes-turbo model (tokenizer, CLIP, VAE, "
-                              "teacher, refine, ADD student) from scratch")
+                              "teacher, refine, pairs, ADD student) from scratch")
     _args(p)
     return p
 
@@ -57,16 +63,23 @@ def cmd_train(a: argparse.Namespace) -> None:
     from ..errors import FewstepError
     from .recipe import run_all, run_stage
     if a.stage == "all":
-        if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init)):
-            raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init apply to one stage; "
-                               "with 'all' use --scale")
+        if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
+                                       a.two_objects, a.caption_drop)):
+            raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init/--two-objects/"
+                               "--caption-drop apply to one stage; with 'all' use --scale")
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
-                "stop_at": a.stop_at}
+                "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop}
+        for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop)):
+            if value is not None and not 0 <= value <= 1:
+                raise FewstepError(f"{flag} is a probability between 0 and 1, not {value}")
+            if value is not None and a.stage not in ("teacher", "refine", "pairs", "student"):
+                raise FewstepError(f"{flag} is an option of the teacher, refine, pairs and student stages")
         teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise, "init": a.init}
-        if a.stage not in ("teacher", "refine") and any(v is not None for v in teacher_only.values()):
-            raise FewstepError("--text-layers, --offset-noise and --init are options of the teacher and refine stages")
+        if a.stage not in ("teacher", "refine", "pairs") and any(v is not None for v in teacher_only.values()):
+            raise FewstepError("--text-layers, --offset-noise and --init are options of the teacher, refine and "
+                               "pairs stages")
         over.update(teacher_only)
         if a.stage in ("tokenizer", "export"):
             over = {}

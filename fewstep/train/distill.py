@@ -1,5 +1,5 @@
-"""Stage 6: the student, distilled from the (refined) teacher to 1-4 steps by Adversarial Diffusion
-Distillation (Sauer et al. 2023, "Adversarial Diffusion Distillation", the SD-/SDXL-Turbo recipe).
+"""Stage 7: the student, distilled from the final teacher (OUT/pairs) to 1-4 steps by Adversarial
+Diffusion Distillation (Sauer et al. 2023, "Adversarial Diffusion Distillation", the SD-/SDXL-Turbo recipe).
 
 The student starts as a copy of the teacher and is trained at the four trailing timesteps
 999 / 749 / 499 / 249 on noised real latents x_s, except that at 999 its input is pure noise: at
@@ -194,7 +194,7 @@ def student_timesteps(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, disc_lr: float = 1e-4) -> dict:
-    """ADD from the final teacher (OUT/refine/unet); writes the student's EMA weights to
+    """ADD from the final teacher (OUT/pairs/unet); writes the student's EMA weights to
     OUT/student/unet/ and returns a quick 1-step accuracy check (full size only)."""
     from ..loading import load_unet
     from .evaluate import finish_unet, preview
@@ -202,7 +202,7 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     out = Path(out)
     stage = Stage("student", out, hyper, seed)
     data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0,
-                      text_folder=text_encoder_folder(out))
+                      text_folder=text_encoder_folder(out), mix=(hyper.two_objects, hyper.caption_drop))
     teacher = load_unet(teacher_folder(out) / "unet")
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     torch.manual_seed(seed)

@@ -1,14 +1,15 @@
 """The whole shapes-turbo recipe, in order, from nothing to two shippable folders:
 
-    tokenizer -> clip -> vae -> teacher -> refine -> student -> export (+ evaluation)
+    tokenizer -> clip -> vae -> teacher -> refine -> pairs -> student -> export (+ evaluation)
 
 1. a CLIP-style BPE tokenizer learned on captions (seconds);
 2. a tiny CLIP trained contrastively; its text transformer is frozen from here on;
 3. a KL autoencoder, 128x128x3 <-> 16x16x4;
 4. the teacher: a latent DDPM UNet with classifier-free guidance and EMA;
 5. refine: the teacher fine-tuned with the whole text transformer (all 4 layers) and offset noise;
-6. the student: adversarial diffusion distillation of the refined teacher to 1-4 steps;
-7. export: OUT/shapes-teacher and OUT/shapes-turbo (diffusers layout, fp16), then both are scored
+6. pairs: the refined teacher fine-tuned on mostly two-object scenes with fuller captions;
+7. the student: adversarial diffusion distillation of that final teacher to 1-4 steps;
+8. export: OUT/shapes-teacher and OUT/shapes-turbo (diffusers layout, fp16), then both are scored
    with the shapes evaluator; the numbers go to OUT/report.json.
 
 Every stage reads what the earlier ones wrote under OUT and is resumable (`resume=True` continues a
@@ -25,10 +26,11 @@ from pathlib import Path
 from .loop import Hyper
 from .sizes import SETTINGS, sizes
 
-STAGES = ("tokenizer", "clip", "vae", "teacher", "refine", "student", "export")
+STAGES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "student", "export")
 OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model.safetensors",
            "vae": "vae/diffusion_pytorch_model.safetensors", "teacher": "teacher/unet/diffusion_pytorch_model.safetensors",
            "refine": "refine/unet/diffusion_pytorch_model.safetensors",
+           "pairs": "pairs/unet/diffusion_pytorch_model.safetensors",
            "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
 # Sampling defaults written to each exported folder's fewstep.json, chosen by bench/sampler_study.py and
 # `fewstep eval` (docs/SHAPES.md, "Sampler study" and "Ninth session"). The teacher: Euler ancestral, whose
@@ -84,7 +86,7 @@ def _require(out: Path, stage: str) -> None:
     from ..errors import FewstepError
     base = ("tokenizer", "clip", "vae")
     needs = {"tokenizer": (), "clip": ("tokenizer",), "vae": (), "teacher": base, "refine": (*base, "teacher"),
-             "student": (*base, "refine"), "export": (*base, "refine", "student")}
+             "pairs": (*base, "refine"), "student": (*base, "pairs"), "export": (*base, "pairs", "student")}
     for earlier in needs[stage]:
         if not (out / OUTPUTS[earlier]).is_file():
             raise FewstepError(f"stage '{stage}' needs {out / OUTPUTS[earlier]}: run `fewstep train {earlier} "
@@ -104,6 +106,9 @@ def _trainer(stage: str):
     if stage == "refine":
         from .teacher import refine_teacher
         return refine_teacher
+    if stage == "pairs":
+        from .teacher import pairs_teacher
+        return pairs_teacher
     from .distill import train_student
     return train_student
 

@@ -55,13 +55,13 @@ UNET_ZERO = ("conv2", "conv_out", "proj_out", "to_out.0")  # residual branches a
 
 
 def teacher_folder(run: Path) -> Path:
-    """The final teacher (after the refine stage): the one the student learns from and that ships."""
-    return Path(run) / "refine"
+    """The final teacher (after the pairs stage): the one the student learns from and that ships."""
+    return Path(run) / "pairs"
 
 
 def text_encoder_folder(run: Path) -> Path:
-    """The text encoder the UNets read: the final teacher's (the CLIP stage's, its last layers
-    trained on with the UNet in the refine stage)."""
+    """The text encoder the UNets read: the final teacher's (the CLIP stage's, its layers trained on
+    with the UNet in the refine and pairs stages)."""
     return teacher_folder(run) / "text_encoder"
 
 
@@ -73,23 +73,24 @@ def text_prefix(text: nn.Module, ids: torch.Tensor, layers: int) -> torch.Tensor
 class LatentData:
     """One process's batch of step i: rendered scenes -> VAE latents (posterior samples) and the
     frozen text encoder's output (from `text_folder`): its context and pooled output, or with
-    `prefix` = k the hidden states after its first k layers — in a data worker when the stage has one."""
+    `prefix` = k the hidden states after its first k layers — in a data worker when the stage has one.
+    `mix` = (fraction of two-object scenes, caption-part drop probability), the renderer's `batch`."""
 
     def __init__(self, run: Path, stage: str, sizes: Sizes, seed: int, n: int, rank: int, dropout: float,
-                 text_folder: Path, prefix: int | None = None):
+                 text_folder: Path, prefix: int | None = None, mix: tuple[float, float] = (0.5, 0.3)):
         from ..loading import load_autoencoder, load_text_encoder
         from ..tokenizer import CLIPTokenizer
         self.tokenizer = CLIPTokenizer.from_folder(Path(run) / "tokenizer")
         self.text = load_text_encoder(text_folder)
         self.vae = load_autoencoder(Path(run) / "vae")
         self.stage, self.sizes, self.seed, self.n, self.rank, self.dropout = stage, sizes, seed, n, rank, dropout
-        self.prefix = prefix
+        self.prefix, self.mix = prefix, mix
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict:
         from ..shapes.render import batch
         s = seed_for(self.seed, self.stage, step, self.rank)
-        images, captions, _ = batch(s, self.n, size=self.sizes.image)
+        images, captions, _ = batch(s, self.n, size=self.sizes.image, drop=self.mix[1], two=self.mix[0])
         g = generator(s)
         drop = torch.rand(self.n, generator=g) < self.dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -186,7 +187,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
         text = own_text or text
     joint = Conditioned(unet, load_text_encoder(text).train(), hyper.text_layers)
     data = LatentData(out, name, sizes, seed, stage.per_process, stage.rank, CAPTION_DROPOUT, text,
-                      prefix=joint.start)
+                      prefix=joint.start, mix=(hyper.two_objects, hyper.caption_drop))
     opt = torch.optim.AdamW([p for p in joint.parameters() if p.requires_grad], lr=hyper.lr, weight_decay=0.01)
     model, opt = stage.accel.prepare(joint, opt)
     ema = EMA(stage.accel.unwrap_model(model), 0.999)
@@ -232,3 +233,14 @@ def refine_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: boo
     if hyper.init is None:
         hyper = replace(hyper, init=str(Path(out) / "teacher"))
     return train_teacher(out, sizes, hyper, seed, resume, name="refine")
+
+
+def pairs_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) -> dict:
+    """Stage 6, pairs: fine-tune the refined teacher (OUT/refine) on a mix of 80% two-object scenes whose
+    captions leave out half as much (each optional part with probability 0.15, not 0.3), at a third of
+    refine's learning rate, into OUT/pairs — the teacher the student learns from and that ships. Binding
+    two objects' attributes is what the refined teacher still got wrong (its one-object prompts were
+    99% right), and such captions are where that is learned (docs/SHAPES.md, eleventh session)."""
+    if hyper.init is None:
+        hyper = replace(hyper, init=str(Path(out) / "refine"))
+    return train_teacher(out, sizes, hyper, seed, resume, name="pairs")
