@@ -155,6 +155,29 @@ def test_text_split_equals_the_whole_encoder(run, tuned):
     assert joint.start == 2 - tuned and any(p.requires_grad for p in text.parameters()) == (tuned > 0)
 
 
+def test_discriminator_has_a_whole_map_head(run):
+    """Besides one per-position head per feature map, one head judges the whole lowest map at once: it
+    gives one logit per image, it trains in the student stage (the checkpointed discriminator's whole-map
+    weights moved from their seeded init), and its logit depends on where things are on the map."""
+    from fewstep.loading import load_unet
+    from fewstep.train.distill import Discriminator, feature_channels, feature_side
+    teacher = load_unet(run[0] / "pairs" / "unet")
+    channels, side = feature_channels(teacher), feature_side(teacher)
+    torch.manual_seed(0)  # the stage's seed, drawn just before its discriminator
+    disc = Discriminator(channels, 32, side)
+    trained = load_file(run[0] / "checkpoints" / "student" / "model_1.safetensors")
+    assert trained.keys() == disc.state_dict().keys()
+    assert not torch.equal(trained["whole.fc.weight"], disc.state_dict()["whole.fc.weight"])
+    feats = [torch.randn(2, c, 2 * side if i == 0 else side, 2 * side if i == 0 else side)
+             for i, c in enumerate(channels)]
+    with torch.no_grad():
+        logits = disc(feats, torch.randn(2, 32))
+        assert [x.shape[1] for x in logits] == [f.shape[2] * f.shape[3] for f in feats] + [1]
+        perm = torch.randperm(side * side, generator=torch.Generator().manual_seed(1))
+        shuffled = feats[-1].flatten(2)[:, :, perm].view_as(feats[-1])
+        assert not torch.allclose(disc.whole(shuffled, torch.zeros(2, 32)), disc.whole(feats[-1], torch.zeros(2, 32)))
+
+
 def test_offset_noise():
     """Training noise: unit Gaussian plus a per-image, per-channel constant of std `offset`; the
     same generator draws the same noise, and offset 0 is plain Gaussian noise."""

@@ -10,8 +10,9 @@ holds 7% of the data, which a student could learn to lean on. From its one-step 
   et al. 2024, "Fast High-Resolution Image Synthesis with Latent Adversarial Diffusion
   Distillation") the frozen features are the teacher UNet's own encoder (its down blocks and
   mid block) on re-noised latents, so the discriminator works in latent space and no VAE decode
-  is backpropagated; one small head per feature map, conditioned on the pooled text by projection
-  (Miyato & Koyama 2018), as ADD's heads are;
+  is backpropagated; one small per-position head per feature map, conditioned on the pooled text by
+  projection (Miyato & Koyama 2018), as ADD's heads are, and one head that sees the whole lowest
+  feature map at once (so something in the discriminator can count objects);
 * distillation loss: x0_hat re-noised to a random teacher timestep t, the teacher's
   classifier-free-guided x0 prediction there as the (stop-gradient) target, squared error weighted
   by c(t) = sqrt(alphas_cumprod[t]) (ADD's "exponential" weighting), lambda = 2.5.
@@ -78,15 +79,34 @@ class Head(nn.Module):
         return (self.out(h) + proj).flatten(1)  # [B, H * W]
 
 
+class WholeHead(nn.Module):
+    """One logit from the whole smallest feature map at once (1x1 conv to 32 channels, flattened, an MLP),
+    plus the same text projection. The per-position heads judge each place alone, so none of them can
+    count objects, and the one-step student's commonest fault is an object drawn twice (docs/SHAPES.md,
+    eleventh session)."""
+
+    def __init__(self, channels: int, side: int, text_dim: int, width: int = 256):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, 32, 1)
+        self.fc = nn.Linear(32 * side * side, width)
+        self.out = nn.Linear(width, 1)
+        self.embed = nn.Linear(text_dim, width)
+
+    def forward(self, f: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.fc(F.silu(self.reduce(f)).flatten(1)))  # [B, width]
+        return self.out(h) + (h * self.embed(pooled)).sum(1, keepdim=True) / math.sqrt(h.shape[1])  # [B, 1]
+
+
 class Discriminator(nn.Module):
-    def __init__(self, channels: list[int], text_dim: int):
+    def __init__(self, channels: list[int], text_dim: int, side: int):
         super().__init__()
         self.heads = nn.ModuleList(Head(c, text_dim) for c in channels)
+        self.whole = WholeHead(channels[-1], side, text_dim)  # side: the last feature map's
 
     def forward(self, feats: list[torch.Tensor], pooled: torch.Tensor) -> list[torch.Tensor]:
-        """Per-position logits of each head, [B, H_i * W_i]; losses average each head, then the heads,
-        so the 4x4 global heads weigh as much as the 16x16 one."""
-        return [head(f, pooled) for head, f in zip(self.heads, feats)]
+        """Per-position logits of each head, [B, H_i * W_i], then the whole-map logit [B, 1]; losses
+        average each head, then the heads, so the 4x4 heads weigh as much as the 16x16 one."""
+        return [head(f, pooled) for head, f in zip(self.heads, feats)] + [self.whole(feats[-1], pooled)]
 
 
 def head_mean(values: list[torch.Tensor]) -> torch.Tensor:
@@ -96,6 +116,12 @@ def head_mean(values: list[torch.Tensor]) -> torch.Tensor:
 def feature_channels(unet: nn.Module) -> list[int]:
     cfg = unet.cfg
     return list(cfg.block_out_channels) + ([cfg.block_out_channels[-1]] if cfg.mid_block else [])
+
+
+def feature_side(unet: nn.Module) -> int:
+    """The side of the UNet's last encoder feature map (its lowest level)."""
+    cfg = unet.cfg
+    return cfg.sample_size // 2 ** (len(cfg.block_out_channels) - 1)
 
 
 def to_x0(x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
@@ -206,7 +232,7 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     teacher = load_unet(teacher_folder(out) / "unet")
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     torch.manual_seed(seed)
-    disc = Discriminator(feature_channels(teacher), data.text.cfg.hidden_size)
+    disc = Discriminator(feature_channels(teacher), data.text.cfg.hidden_size, feature_side(teacher))
     with torch.no_grad():
         empty = data.text(data.tokenizer([""])).last_hidden_state
     add = ADD(stage, teacher, student, disc, empty, disc_lr)

@@ -12,8 +12,12 @@ Stage 5, refine, is this same training continued from the teacher (`init`) for 5
 6e-4 (the teacher's peak is 5e-4) with the two options below on, all four text layers tuned
 (docs/SHAPES.md compares 2 and 4 layers, 3e-4 and 6e-4, 1,000 to 5,000 steps): trained from the start with
 them, the teacher lost its positions (docs/SHAPES.md); after it has learned places, they keep
-them and lift colour binding. Three options (Hyper.text_layers, Hyper.offset_noise,
-Hyper.init), for what the frozen-CLIP teacher gets wrong:
+them and lift colour binding. Stage 6, pairs, continues once more (from OUT/refine, 2,000 steps at
+2e-4, same options) on a mix of 80% two-object scenes with fuller captions (Hyper.two_objects,
+Hyper.caption_drop): what the refined teacher still got wrong was two-object prompts.
+
+Three options (Hyper.text_layers, Hyper.offset_noise, Hyper.init), for what the frozen-CLIP teacher
+gets wrong:
 - `text_layers` = k: the text encoder's last k layers (and final LayerNorm) train with the UNet,
   from the CLIP stage's weights, as LDM's text-to-image models trained their text transformer
   with the UNet (Rombach et al. 2022, sec. 4.3.1): a contrastive CLIP need not keep which colour
@@ -227,8 +231,8 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
 
 def refine_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) -> dict:
     """Stage 5, refine: fine-tune the teacher (OUT/teacher) with the text encoder's last layers and
-    offset noise (recipe settings), into OUT/refine — the teacher the student learns from and that
-    ships. See docs/SHAPES.md: tuning these from the start cost the teacher its positions; tuning
+    offset noise (recipe settings), into OUT/refine, which the pairs stage fine-tunes on into the
+    final teacher. See docs/SHAPES.md: tuning these from the start cost the teacher its positions; tuning
     them after it has learned places keeps them (36/36 in the position test) and lifts colour binding."""
     if hyper.init is None:
         hyper = replace(hyper, init=str(Path(out) / "teacher"))
