@@ -19,6 +19,7 @@ import os
 import sys
 
 STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "student", "export", "all")
+TEACHER_STAGES = ("teacher", "refine", "pairs")  # the stages that train a teacher (train_teacher)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -74,10 +75,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop)):
             if value is not None and not 0 <= value <= 1:
                 raise FewstepError(f"{flag} is a probability between 0 and 1, not {value}")
-            if value is not None and a.stage not in ("teacher", "refine", "pairs", "student"):
+            if value is not None and a.stage not in (*TEACHER_STAGES, "student"):
                 raise FewstepError(f"{flag} is an option of the teacher, refine, pairs and student stages")
         teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise, "init": a.init}
-        if a.stage not in ("teacher", "refine", "pairs") and any(v is not None for v in teacher_only.values()):
+        if a.stage not in TEACHER_STAGES and any(v is not None for v in teacher_only.values()):
             raise FewstepError("--text-layers, --offset-noise and --init are options of the teacher, refine and "
                                "pairs stages")
         over.update(teacher_only)

@@ -37,8 +37,8 @@ class Hyper:
     text_layers: int = 0  # teacher: the text encoder's last layers trained with the UNet (0: frozen CLIP)
     offset_noise: float = 0.0  # teacher: std of the per-image, per-channel constant added to the noise
     init: str | None = None  # teacher: start from this trained teacher (its unet/ and text_encoder/), not random
-    two_objects: float = 0.5  # teacher, student: fraction of training scenes with two objects
-    caption_drop: float = 0.3  # teacher, student: probability each optional caption part is left out
+    two_objects: float = 0.5  # teacher, refine, pairs, student: fraction of training scenes with two objects
+    caption_drop: float = 0.3  # teacher, refine, pairs, student: probability each optional caption part is left out
 
 
 class LossLog:
