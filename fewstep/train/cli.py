@@ -41,8 +41,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-noise", type=float, default=None,
                    help="teacher: offset-noise std, a per-image per-channel constant added to the noise (default 0)")
     p.add_argument("--init", default=None, metavar="DIR",
-                   help="teacher, refine, pairs: fine-tune the trained teacher in DIR (its unet/ and text_encoder/, e.g. "
-                   "runs/shapes/teacher) instead of starting from random weights")
+                   help="teacher, refine, pairs: fine-tune the trained teacher in DIR (its unet/ and "
+                   "text_encoder/, e.g. runs/shapes/teacher) instead of starting from random weights")
     p.add_argument("--two-objects", type=float, default=None, metavar="P",
                    help="teacher, refine, pairs, student: fraction of training scenes with two objects "
                    "(default 0.5; pairs: 0.8)")
