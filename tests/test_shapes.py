@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from fewstep.errors import FewstepError
-from fewstep.shapes.caption import Prompt, Wanted, caption, parse_prompt, sample_prompts
+from fewstep.shapes.caption import (Prompt, Wanted, caption, parse_prompt, sample_prompts, swap_positions,
+                                    write_prompt)
 from fewstep.shapes.evaluate import FAILURES, accuracy, as_image, failure, failures, matches, parse_image, score
 from fewstep.shapes.render import COLORS, MARGIN, POSITIONS, SHAPES, Obj, Scene, batch, render, sample_scene
 
@@ -121,6 +122,28 @@ def test_caption_text():
     assert parse_prompt("  An Orange  SQUARE. ") == parse_prompt("a orange square") == Prompt(
         (Wanted("orange", "square", None, None),), None)
     assert parse_prompt("a large circle") == Prompt((Wanted(None, "circle", "large", None),), None)
+
+
+def test_write_prompt_and_swapped_positions():
+    """write_prompt inverts parse_prompt on every caption the renderer writes (full and partial);
+    swap_positions exchanges the two objects' stated positions, and gives None where the result would
+    not be a different caption (one object, a position left out, two objects told apart by nothing)."""
+    _, captions, _ = batch(seed=7, n=2000, drop=0.3)
+    assert all(write_prompt(parse_prompt(c)) == c for c in captions)
+    assert write_prompt(parse_prompt("An Orange  square.")) == "an orange square"
+    assert swap_positions("a small red circle on the left and a blue square at the top right on a white "
+                          "background") == ("a small red circle at the top right and a blue square on the left "
+                                            "on a white background")
+    for text in ("a red circle on the left", "a red circle on the left and a blue square",
+                 "a red circle and a blue square at the top", "a red square on the left and a red square on the right"):
+        assert swap_positions(text) is None, text
+    assert swap_positions("a small red square on the left and a red square on the right") is not None
+    swapped = [swap_positions(c) for c in captions]
+    for text, twin in zip(captions, swapped):
+        if twin is not None:
+            a, b = parse_prompt(text).objects, parse_prompt(twin).objects
+            assert (a[0].position, a[1].position) == (b[1].position, b[0].position) and twin != text
+    assert 0.15 < rate([t is not None for t in swapped]) < 0.35  # half two-object, each position kept at 0.7
 
 
 @pytest.mark.parametrize("text, message", [

@@ -192,6 +192,41 @@ def test_offset_noise():
     assert torch.equal(plain, torch.randn((256, 4, 16, 16), generator=generator(7)))
 
 
+def test_swap_contrast():
+    """The swap contrast (teacher.denoising_loss, --swap W): for rows with a position-swapped twin caption
+    at t >= SWAP_MIN_T, relu(mse_true - mse_twin + margin * mse_true), min-SNR weighted, summed / batch.
+    A model blind to the caption pays exactly the margin on those rows; one whose twin error is far above
+    its true error pays nothing; weight 0 leaves the plain loss."""
+    from fewstep.schedules import alphas_cumprod
+    from fewstep.train.common import generator
+    from fewstep.train.export import TRAIN_SCHEDULE
+    from fewstep.train.teacher import SWAP_MARGIN, SWAP_MIN_T, denoising_loss, min_snr_weight, training_noise
+    ac = alphas_cumprod(TRAIN_SCHEDULE)
+    b = {"latents": torch.randn(8, 4, 4, 4, generator=generator(3)), "seed": 0, "hidden": torch.zeros(8, 3, 2),
+         "swap_index": torch.tensor([1, 3, 6]), "swap_hidden": torch.ones(3, 3, 2)}
+    g = generator(1)
+    t = torch.randint(0, len(ac), (8,), generator=g)
+    noise = training_noise((8, 4, 4, 4), g, 0.0)
+    rows = [i for i in (1, 3, 6) if t[i] >= SWAP_MIN_T]
+    assert rows == [3, 6]  # t = 139 at row 1: too little noise for the contrast
+
+    def blind(x, t, hidden):
+        return torch.zeros_like(x)
+
+    plain, mse, zero = denoising_loss(blind, b, ac)
+    loss, mse_swap, contrast = denoising_loss(blind, b, ac, swap=2.0)
+    per_sample = noise.pow(2).mean((1, 2, 3))
+    expected = sum(float(SWAP_MARGIN * per_sample[i] * min_snr_weight(t[i:i + 1], ac)) for i in rows) / 8
+    assert float(zero) == 0 and float(mse_swap) == pytest.approx(float(mse)) == pytest.approx(float(per_sample.mean()))
+    assert float(contrast) == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(float(plain) + 2 * expected, rel=1e-5)
+
+    def binding(x, t, hidden):  # reads the twin caption (hidden of ones) as "draw something else"
+        return 10 * hidden.mean((1, 2)).view(-1, 1, 1, 1).expand_as(x)
+
+    assert float(denoising_loss(binding, b, ac, swap=2.0)[2]) == 0
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_to_x0_inverts_the_forward_process(prediction_type):
     """The student's x0 from its output: x_t = sqrt(a) x0 + sqrt(1 - a) eps, the UNet's target eps or
@@ -321,10 +356,13 @@ def test_cli_parses_and_rejects():
     a = parser.parse_args(["train", "teacher", "--out", "x", "--text-layers", "2", "--offset-noise", "0.1"])
     assert (a.text_layers, a.offset_noise) == (2, 0.1)
     assert parser.parse_args(["train", "teacher", "--out", "x", "--init", "runs/a/teacher"]).init == "runs/a/teacher"
-    with pytest.raises(FewstepError, match="options of the teacher, refine and pairs stages"):
-        cmd_train(parser.parse_args(["train", "vae", "--out", "x", "--init", "runs/a/teacher"]))
-    with pytest.raises(FewstepError, match="options of the teacher, refine and pairs stages"):
-        cmd_train(parser.parse_args(["train", "student", "--out", "x", "--offset-noise", "0.1"]))
+    for extra in (["--init", "runs/a/teacher"], ["--offset-noise", "0.1"], ["--swap", "1"]):
+        with pytest.raises(FewstepError, match="options of the teacher, refine and pairs stages"):
+            cmd_train(parser.parse_args(["train", "student", "--out", "x", *extra]))
+    with pytest.raises(FewstepError, match="--swap is a weight, 0 or more, not -1.0"):
+        cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--swap", "-1"]))
+    with pytest.raises(FewstepError, match="--scale"):
+        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--swap", "1"]))
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--text-layers", "1"]))
     a = parser.parse_args(["train", "refine", "--out", "x", "--two-objects", "0.8", "--caption-drop", "0.15"])
@@ -335,8 +373,21 @@ def test_cli_parses_and_rejects():
         cmd_train(parser.parse_args(["train", "vae", "--out", "x", "--caption-drop", "0.1"]))
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--two-objects", "0.8"]))
+    with pytest.raises(FewstepError, match="needs x/tokenizer/vocab.json"):  # --init: no earlier teacher stage asked
+        cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--init", "runs/a/teacher"]))
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "decoder", "--out", "x"])
+
+
+def test_swap_option_trains_and_logs(run, tmp_path):
+    """pairs with --swap: the data carry the twins' hidden states, the loss log has the contrast column."""
+    out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints", "logs", "pairs", "student"))
+    from fewstep.train.recipe import run_stage
+    run_stage("pairs", copy, tiny=True, swap=1.0, two_objects=1.0, caption_drop=0.0)
+    rows = [json.loads(line) for line in (copy / "logs" / "pairs.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["swap"]) and r["swap"] >= 0 for r in rows) and any(r["swap"] > 0 for r in rows)
 
 
 def test_latent_data_draws_the_stage_mix(run):

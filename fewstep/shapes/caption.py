@@ -12,7 +12,7 @@ renderer writes never do.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -96,6 +96,31 @@ def parse_prompt(text: str) -> Prompt:
     if len(objects) == 2 and objects[0].position is not None and objects[0].position == objects[1].position:
         raise FewstepError(f"prompt {text!r}: two objects cannot both be {objects[0].position!r}")
     return Prompt(tuple(objects), background)
+
+
+def write_prompt(prompt: Prompt) -> str:
+    """The caption text of `prompt`, as `caption` writes it: write_prompt(parse_prompt(c)) == c for every
+    caption the renderer writes."""
+    parts = []
+    for w in prompt.objects:
+        words = [x for x in (w.size, w.color, w.shape) if x is not None]
+        parts.append(" ".join([_a(words[0])] + words[1:] + ([w.position] if w.position else [])))
+    text = " and ".join(parts)
+    return f"{text} on {_a(prompt.background)} background" if prompt.background else text
+
+
+def swap_positions(text: str) -> str | None:
+    """The two-object caption `text` with its objects' positions exchanged ("a red circle on the left and
+    a blue square at the top" -> "a red circle at the top and a blue square on the left"), which no
+    longer describes the image it was written for; None unless `text` states both positions of two
+    objects it tells apart (two "red square"s swapped are the same caption)."""
+    prompt = parse_prompt(text)
+    if len(prompt.objects) != 2 or any(w.position is None for w in prompt.objects):
+        return None
+    a, b = prompt.objects
+    if (a.size, a.color, a.shape) == (b.size, b.color, b.shape):
+        return None
+    return write_prompt(Prompt((replace(a, position=b.position), replace(b, position=a.position)), prompt.background))
 
 
 def sample_prompts(seed: int, n: int, two_fraction: float = 0.5) -> list[str]:

@@ -49,6 +49,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--caption-drop", type=float, default=None, metavar="P",
                    help="teacher, refine, pairs, student: probability each optional caption part is left out "
                    "(default 0.3; pairs: 0.15)")
+    p.add_argument("--swap", type=float, default=None, metavar="W",
+                   help="teacher, refine, pairs: weight of the swap contrast, which asks the denoising error under "
+                   "a caption with the two objects' positions exchanged to exceed the true caption's (default 0)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
@@ -65,9 +68,9 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .recipe import run_all, run_stage
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
-                                       a.two_objects, a.caption_drop)):
+                                       a.two_objects, a.caption_drop, a.swap)):
             raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init/--two-objects/"
-                               "--caption-drop apply to one stage; with 'all' use --scale")
+                               "--caption-drop/--swap apply to one stage; with 'all' use --scale")
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
@@ -77,10 +80,12 @@ def cmd_train(a: argparse.Namespace) -> None:
                 raise FewstepError(f"{flag} is a probability between 0 and 1, not {value}")
             if value is not None and a.stage not in (*TEACHER_STAGES, "student"):
                 raise FewstepError(f"{flag} is an option of the teacher, refine, pairs and student stages")
-        teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise, "init": a.init}
+        teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise, "init": a.init, "swap": a.swap}
         if a.stage not in TEACHER_STAGES and any(v is not None for v in teacher_only.values()):
-            raise FewstepError("--text-layers, --offset-noise and --init are options of the teacher, refine and "
-                               "pairs stages")
+            raise FewstepError("--text-layers, --offset-noise, --init and --swap are options of the teacher, refine "
+                               "and pairs stages")
+        if a.swap is not None and a.swap < 0:
+            raise FewstepError(f"--swap is a weight, 0 or more, not {a.swap}")
         over.update(teacher_only)
         if a.stage in ("tokenizer", "export"):
             over = {}

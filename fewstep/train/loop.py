@@ -39,6 +39,7 @@ class Hyper:
     init: str | None = None  # teacher: start from this trained teacher (its unet/ and text_encoder/), not random
     two_objects: float = 0.5  # teacher, refine, pairs, student: fraction of training scenes with two objects
     caption_drop: float = 0.3  # teacher, refine, pairs, student: probability each optional caption part is left out
+    swap: float = 0.0  # teacher, refine, pairs: weight of the swap contrast (teacher.denoising_loss; 0: off)
 
 
 class LossLog:

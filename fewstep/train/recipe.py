@@ -58,7 +58,7 @@ def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: 
               evaluate_n: int = 200, **overrides) -> dict:
     """Run one stage; returns what it reports (wall time, and accuracies for export)."""
     out, t0 = Path(out), time.perf_counter()
-    _require(out, stage)
+    _require(out, stage, init=overrides.get("init") is not None)
     report = {}
     if stage in ("tokenizer", "export"):  # one process's work, also under `accelerate launch`
         from accelerate import PartialState
@@ -81,12 +81,14 @@ def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: 
     return report
 
 
-def _require(out: Path, stage: str) -> None:
-    """The outputs of the earlier stages this one reads, or a one-line error naming the stage to run."""
+def _require(out: Path, stage: str, init: bool = False) -> None:
+    """The outputs of the earlier stages this one reads, or a one-line error naming the stage to run. With
+    `init` (--init DIR) refine and pairs fine-tune DIR, so they need no earlier teacher stage in OUT."""
     from ..errors import FewstepError
     base = ("tokenizer", "clip", "vae")
-    needs = {"tokenizer": (), "clip": ("tokenizer",), "vae": (), "teacher": base, "refine": (*base, "teacher"),
-             "pairs": (*base, "refine"), "student": (*base, "pairs"), "export": (*base, "pairs", "student")}
+    needs = {"tokenizer": (), "clip": ("tokenizer",), "vae": (), "teacher": base,
+             "refine": base if init else (*base, "teacher"), "pairs": base if init else (*base, "refine"),
+             "student": (*base, "pairs"), "export": (*base, "pairs", "student")}
     for earlier in needs[stage]:
         if not (out / OUTPUTS[earlier]).is_file():
             raise FewstepError(f"stage '{stage}' needs {out / OUTPUTS[earlier]}: run `fewstep train {earlier} "

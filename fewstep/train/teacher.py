@@ -55,6 +55,8 @@ from .sizes import Sizes
 CAPTION_DROPOUT = 0.1
 GUIDANCE = 5.0  # the teacher's classifier-free guidance scale: its default, and the distillation target's
 MIN_SNR_GAMMA = 5.0
+SWAP_MARGIN = 0.1  # swap contrast: the swapped caption's loss should be at least 10% above the true one's
+SWAP_MIN_T = 300  # ... at timesteps from here up, where a sample's layout is still being decided
 UNET_ZERO = ("conv2", "conv_out", "proj_out", "to_out.0")  # residual branches and the output start at 0
 
 
@@ -78,17 +80,20 @@ class LatentData:
     """One process's batch of step i: rendered scenes -> VAE latents (posterior samples) and the
     frozen text encoder's output (from `text_folder`): its context and pooled output, or with
     `prefix` = k the hidden states after its first k layers — in a data worker when the stage has one.
-    `mix` = (fraction of two-object scenes, caption-part drop probability), the renderer's `batch`."""
+    `mix` = (fraction of two-object scenes, caption-part drop probability), the renderer's `batch`.
+    With `swap` (and `prefix`), also the hidden states of each caption's position-swapped twin
+    (`swap_positions`; "swap_hidden", for the batch rows "swap_index"), for `denoising_loss`'s swap contrast."""
 
     def __init__(self, run: Path, stage: str, sizes: Sizes, seed: int, n: int, rank: int, dropout: float,
-                 text_folder: Path, prefix: int | None = None, mix: tuple[float, float] = (0.5, 0.3)):
+                 text_folder: Path, prefix: int | None = None, mix: tuple[float, float] = (0.5, 0.3),
+                 swap: bool = False):
         from ..loading import load_autoencoder, load_text_encoder
         from ..tokenizer import CLIPTokenizer
         self.tokenizer = CLIPTokenizer.from_folder(Path(run) / "tokenizer")
         self.text = load_text_encoder(text_folder)
         self.vae = load_autoencoder(Path(run) / "vae")
         self.stage, self.sizes, self.seed, self.n, self.rank, self.dropout = stage, sizes, seed, n, rank, dropout
-        self.prefix, self.mix = prefix, mix
+        self.prefix, self.mix, self.swap = prefix, mix, swap
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict:
@@ -103,6 +108,14 @@ class LatentData:
         b = {"latents": latents, "seed": s, "captions": captions}
         if self.prefix is not None:
             b["hidden"] = text_prefix(self.text, ids, self.prefix)
+            if self.swap:
+                from ..shapes.caption import swap_positions
+                swapped = [swap_positions(c) if c else None for c in captions]
+                index = [i for i, c in enumerate(swapped) if c is not None]
+                if index:
+                    b["swap_index"] = torch.tensor(index, dtype=torch.long)
+                    b["swap_hidden"] = text_prefix(self.text, self.tokenizer([swapped[i] for i in index]),
+                                                   self.prefix)
         else:
             out = self.text(ids)
             b.update(context=out.last_hidden_state, pooled=out.pooled)
@@ -161,15 +174,40 @@ def _trained_teacher(init: str | Path) -> tuple[UNet, Path | None]:
     return load_unet(init / "unet").requires_grad_(True).train(), text if (text / "config.json").is_file() else None
 
 
-def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """min-SNR-weighted epsilon loss at uniform timesteps (noise with `offset`), and the plain per-sample
-    MSE (for the log). `model(x_t, t, hidden)` is a `Conditioned`."""
+def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0,
+                   swap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """min-SNR-weighted epsilon loss at uniform timesteps (noise with `offset`), plus `swap` times the swap
+    contrast; the plain per-sample MSE and the swap contrast (for the log). `model(x_t, t, hidden)` is a
+    `Conditioned`.
+
+    Swap contrast: for the rows with a position-swapped twin caption (b["swap_index"]) at t >= SWAP_MIN_T,
+    the same x_t is denoised under the twin too, in the same forward pass, and the hinge
+    relu(mse_true - mse_swapped + SWAP_MARGIN * mse_true) (min-SNR weighted, summed over those rows / batch
+    size) asks the twin's error to exceed the true caption's by the margin. A swapped twin is itself a
+    true caption of other images, so the only way to meet it is to tie each object to its own position —
+    the shipped teacher's commonest two-object fault is drawing the two objects at each other's places
+    (docs/SHAPES.md). A ranking loss on the denoising error under matched and mismatched conditions, as in
+    contrastive guidance of diffusion models (e.g. Diffusion-DPO, Wallace et al. 2023, ranks two images
+    under one caption; here one image under two captions)."""
     g = generator(b["seed"] + 1)
     x0 = b["latents"]
-    t = torch.randint(0, len(ac), (len(x0),), generator=g)
+    n = len(x0)
+    t = torch.randint(0, len(ac), (n,), generator=g)
     noise = training_noise(x0.shape, g, offset)
-    per_sample = F.mse_loss(model(diffuse(x0, noise, t, ac), t, b["hidden"]), noise, reduction="none").mean((1, 2, 3))
-    return (per_sample * min_snr_weight(t, ac)).mean(), per_sample.mean()
+    x_t, hidden, target = diffuse(x0, noise, t, ac), b["hidden"], noise
+    rows = b["swap_index"][t[b["swap_index"]] >= SWAP_MIN_T] if swap and "swap_index" in b else None
+    if rows is not None and len(rows):
+        twins = b["swap_hidden"][t[b["swap_index"]] >= SWAP_MIN_T]
+        x_t, t, hidden, target = (torch.cat([x_t, x_t[rows]]), torch.cat([t, t[rows]]),
+                                  torch.cat([hidden, twins]), torch.cat([noise, noise[rows]]))
+    per_sample = F.mse_loss(model(x_t, t, hidden), target, reduction="none").mean((1, 2, 3))
+    weight = min_snr_weight(t, ac)
+    loss = (per_sample[:n] * weight[:n]).mean()
+    contrast = torch.zeros(())
+    if rows is not None and len(rows):
+        true, twin = per_sample[rows], per_sample[n:]
+        contrast = (F.relu(true - twin + SWAP_MARGIN * true.detach()) * weight[n:]).sum() / n
+    return loss + swap * contrast, per_sample[:n].mean(), contrast
 
 
 def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, name: str = "teacher") -> dict:
@@ -191,7 +229,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
         text = own_text or text
     joint = Conditioned(unet, load_text_encoder(text).train(), hyper.text_layers)
     data = LatentData(out, name, sizes, seed, stage.per_process, stage.rank, CAPTION_DROPOUT, text,
-                      prefix=joint.start, mix=(hyper.two_objects, hyper.caption_drop))
+                      prefix=joint.start, mix=(hyper.two_objects, hyper.caption_drop), swap=hyper.swap > 0)
     opt = torch.optim.AdamW([p for p in joint.parameters() if p.requires_grad], lr=hyper.lr, weight_decay=0.01)
     model, opt = stage.accel.prepare(joint, opt)
     ema = EMA(stage.accel.unwrap_model(model), 0.999)
@@ -201,13 +239,13 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
 
     def step_fn(step: int, b: dict) -> dict:
         set_lr(opt, warmup_lr(step, hyper.lr, hyper.warmup, hyper.steps))
-        loss, mse = denoising_loss(model, b, ac, hyper.offset_noise)
+        loss, mse, contrast = denoising_loss(model, b, ac, hyper.offset_noise, hyper.swap)
         opt.zero_grad(set_to_none=True)
         stage.accel.backward(loss)
         stage.accel.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         ema.update(stage.accel.unwrap_model(model), step)
-        return {"loss": loss.item(), "mse": mse.item()}
+        return {"loss": loss.item(), "mse": mse.item(), **({"swap": contrast.item()} if hyper.swap else {})}
 
     def on_preview(step: int) -> None:
         shadow = ema.averaged(stage.accel.unwrap_model(model))
