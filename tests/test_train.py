@@ -22,12 +22,12 @@ import fewstep
 from fewstep.errors import FewstepError
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ("clip", "vae", "teacher", "refine", "pairs", "student")
+TRAINED = ("clip", "vae", "teacher", "refine", "pairs", "swap", "student")
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The whole tiny recipe, once: tokenizer, CLIP, VAE, teacher, refine, pairs, student, export."""
+    """The whole tiny recipe, once: tokenizer, CLIP, VAE, teacher, refine, pairs, swap, pool, student, export."""
     from fewstep.train.recipe import run_all
     out = tmp_path_factory.mktemp("train") / "run"
     report = run_all(out, tiny=True, seed=0)
@@ -36,16 +36,20 @@ def run(tmp_path_factory):
 
 def test_every_stage_writes_its_outputs(run):
     out, report = run
-    assert list(report) == ["tokenizer", "clip", "vae", "teacher", "refine", "pairs", "student", "export"]
+    assert list(report) == ["tokenizer", "clip", "vae", "teacher", "refine", "pairs", "swap", "pool", "student",
+                            "export"]
     for path in ("tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
                  "tokenizer/special_tokens_map.json", "clip/text_encoder/model.safetensors",
                  "clip/image_tower.safetensors", "vae/diffusion_pytorch_model.safetensors",
                  "teacher/unet/diffusion_pytorch_model.safetensors", "teacher/text_encoder/model.safetensors",
                  "refine/unet/diffusion_pytorch_model.safetensors", "refine/text_encoder/model.safetensors",
                  "pairs/unet/diffusion_pytorch_model.safetensors", "pairs/text_encoder/model.safetensors",
+                 "swap/unet/diffusion_pytorch_model.safetensors", "swap/text_encoder/model.safetensors",
+                 "pool/pool.safetensors",
                  "student/unet/diffusion_pytorch_model.safetensors",
                  "shapes-teacher/model_index.json", "shapes-turbo/fewstep.json", "report.json",
                  "samples/teacher-00006.png", "samples/refine-00006.png", "samples/pairs-00006.png",
+                 "samples/swap-00006.png",
                  "samples/student-00006.png"):
         assert (out / path).is_file(), path
     for stage in TRAINED:
@@ -65,10 +69,11 @@ def test_every_stage_writes_its_outputs(run):
     assert {v.dtype for v in weights.values()} == {torch.float16}
 
 
-@pytest.mark.parametrize("stage,start", [("refine", "teacher"), ("pairs", "refine"), ("student", "pairs")])
+@pytest.mark.parametrize("stage,start", [("refine", "teacher"), ("pairs", "refine"), ("swap", "pairs"),
+                                         ("student", "swap")])
 def test_stage_starts_from_the_last_and_moves(run, stage, start):
-    """refine fine-tunes the teacher, pairs the refined teacher, the student is distilled from pairs'
-    teacher: each starts from the earlier UNet (6 small steps away), not re-initialised."""
+    """refine fine-tunes the teacher, pairs the refined teacher, swap the pairs teacher, the student is
+    distilled from swap's teacher: each starts from the earlier UNet (6 small steps away), not re-initialised."""
     out, _ = run
     before = load_file(out / start / "unet" / "diffusion_pytorch_model.safetensors")
     after = load_file(out / stage / "unet" / "diffusion_pytorch_model.safetensors")
@@ -79,7 +84,7 @@ def test_stage_starts_from_the_last_and_moves(run, stage, start):
 def test_refined_text_encoder_ships(run):
     """The recipe's teacher keeps the CLIP stage's text encoder frozen (its copy in OUT/teacher equals
     the CLIP's); refine tunes exactly its last layer (tiny: text_layers 1) and final LayerNorm, pairs
-    tunes the same ones on, and both exported folders carry pairs' (fp16)."""
+    and swap tune the same ones on, and both exported folders carry swap's (fp16)."""
     out, _ = run
     clip = load_file(out / "clip" / "text_encoder" / "model.safetensors")
     teacher = load_file(out / "teacher" / "text_encoder" / "model.safetensors")
@@ -88,8 +93,10 @@ def test_refined_text_encoder_ships(run):
     moved = {k for k in clip if not torch.equal(clip[k], refined[k])}
     tuned = {k for k in clip if k.startswith(("text_model.encoder.layers.1.", "text_model.final_layer_norm."))}
     assert moved == tuned
-    final = load_file(out / "pairs" / "text_encoder" / "model.safetensors")
-    assert {k for k in clip if not torch.equal(refined[k], final[k])} == tuned
+    pairs = load_file(out / "pairs" / "text_encoder" / "model.safetensors")
+    final = load_file(out / "swap" / "text_encoder" / "model.safetensors")
+    assert {k for k in clip if not torch.equal(refined[k], pairs[k])} == tuned
+    assert {k for k in clip if not torch.equal(pairs[k], final[k])} == tuned
     for folder in ("shapes-teacher", "shapes-turbo"):
         shipped = load_file(out / folder / "text_encoder" / "model.safetensors")
         assert all(torch.equal(shipped[k], final[k].half()) for k in final), folder
@@ -161,7 +168,7 @@ def test_discriminator_has_a_whole_map_head(run):
     weights moved from their seeded init), and its logit depends on where things are on the map."""
     from fewstep.loading import load_unet
     from fewstep.train.distill import Discriminator, feature_channels, feature_side
-    teacher = load_unet(run[0] / "pairs" / "unet")
+    teacher = load_unet(run[0] / "swap" / "unet")
     channels, side = feature_channels(teacher), feature_side(teacher)
     torch.manual_seed(0)  # the stage's seed, drawn just before its discriminator
     disc = Discriminator(channels, 32, side)
@@ -311,7 +318,7 @@ def test_resume_replays_the_straight_run(run, tmp_path):
 
 
 @pytest.mark.parametrize("stage,inputs", [("vae", ("tokenizer",)),
-                                          ("student", ("tokenizer", "clip", "vae", "pairs"))])
+                                          ("student", ("tokenizer", "clip", "vae", "swap", "pool"))])
 def test_two_processes(run, tmp_path, stage, inputs):
     """A stage data-parallel over 2 CPU processes (gloo) through `accelerate launch` (the student:
     two prepared models, the generator step through the unwrapped discriminator)."""
@@ -357,7 +364,7 @@ def test_cli_parses_and_rejects():
     assert (a.text_layers, a.offset_noise) == (2, 0.1)
     assert parser.parse_args(["train", "teacher", "--out", "x", "--init", "runs/a/teacher"]).init == "runs/a/teacher"
     for extra in (["--init", "runs/a/teacher"], ["--offset-noise", "0.1"], ["--swap", "1"]):
-        with pytest.raises(FewstepError, match="options of the teacher, refine and pairs stages"):
+        with pytest.raises(FewstepError, match="options of the teacher, refine, pairs and swap stages"):
             cmd_train(parser.parse_args(["train", "student", "--out", "x", *extra]))
     with pytest.raises(FewstepError, match="--swap is a weight, 0 or more, not -1.0"):
         cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--swap", "-1"]))
@@ -369,7 +376,7 @@ def test_cli_parses_and_rejects():
     assert (a.two_objects, a.caption_drop) == (0.8, 0.15)
     with pytest.raises(FewstepError, match="--two-objects is a probability between 0 and 1, not 1.5"):
         cmd_train(parser.parse_args(["train", "refine", "--out", "x", "--two-objects", "1.5"]))
-    with pytest.raises(FewstepError, match="--caption-drop is an option of the teacher, refine, pairs and student"):
+    with pytest.raises(FewstepError, match="--caption-drop is an option of the teacher, refine, pairs, swap and"):
         cmd_train(parser.parse_args(["train", "vae", "--out", "x", "--caption-drop", "0.1"]))
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--two-objects", "0.8"]))
@@ -379,9 +386,39 @@ def test_cli_parses_and_rejects():
         parser.parse_args(["train", "decoder", "--out", "x"])
 
 
+def test_pool_and_the_student_regression(run):
+    """The pool stage: teacher samples from seeded noise with their captions' tokens (tiny: all kept, the
+    evaluator reads only 128x128); the student draws POOL_ROWS rows a step, the same on a replay, and
+    logs the regression onto them."""
+    from fewstep.train.pool import POOL_ROWS, POOL_SIZE, Pool
+    out, report = run
+    assert report["pool"]["generated"] == report["pool"]["kept"] == POOL_SIZE["tiny"]
+    pool = Pool(out)
+    side = json.loads((out / "swap" / "unet" / "config.json").read_text())["sample_size"]
+    assert pool.z.shape == pool.x0.shape == (POOL_SIZE["tiny"], 4, side, side)
+    assert pool.ids.shape[0] == POOL_SIZE["tiny"]
+    assert torch.isfinite(pool.x0).all() and not torch.equal(pool.x0, pool.z)
+    rows = pool.rows(0, "student", 3, 0)
+    assert rows.shape == (POOL_ROWS,) and torch.equal(rows, pool.rows(0, "student", 3, 0))
+    assert not torch.equal(rows, pool.rows(0, "student", 4, 0))
+    logged = [json.loads(line) for line in (out / "logs" / "student.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["regression"]) and r["regression"] > 0 for r in logged)
+
+
+def test_student_without_its_pool_names_the_stage(run, tmp_path):
+    from fewstep.train.recipe import run_stage
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy, ignore=shutil.ignore_patterns("checkpoints", "logs", "pool", "student"))
+    with pytest.raises(FewstepError, match=r"needs .*pool/pool\.safetensors: run `fewstep train pool"):
+        run_stage("student", copy, tiny=True)
+
+
 def test_swap_option_trains_and_logs(run, tmp_path):
-    """pairs with --swap: the data carry the twins' hidden states, the loss log has the contrast column."""
+    """pairs with --swap: the data carry the twins' hidden states, the loss log has the contrast column
+    (as the recipe's swap stage's log has)."""
     out, _ = run
+    logged = [json.loads(line) for line in (out / "logs" / "swap.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["swap"]) and r["swap"] >= 0 for r in logged)
     copy = tmp_path / "run"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints", "logs", "pairs", "student"))
     from fewstep.train.recipe import run_stage

@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "student", "export", "all")
-TEACHER_STAGES = ("teacher", "refine", "pairs")  # the stages that train a teacher (train_teacher)
+STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "swap", "pool", "student", "export", "all")
+TEACHER_STAGES = ("teacher", "refine", "pairs", "swap")  # the stages that train a teacher (train_teacher)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -41,31 +41,32 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset-noise", type=float, default=None,
                    help="teacher: offset-noise std, a per-image per-channel constant added to the noise (default 0)")
     p.add_argument("--init", default=None, metavar="DIR",
-                   help="teacher, refine, pairs: fine-tune the trained teacher in DIR (its unet/ and "
+                   help="teacher, refine, pairs, swap: fine-tune the trained teacher in DIR (its unet/ and "
                    "text_encoder/, e.g. runs/shapes/teacher) instead of starting from random weights")
     p.add_argument("--two-objects", type=float, default=None, metavar="P",
-                   help="teacher, refine, pairs, student: fraction of training scenes with two objects "
-                   "(default 0.5; pairs: 0.8)")
+                   help="teacher, refine, pairs, swap, student: fraction of training scenes with two objects "
+                   "(default 0.5; pairs, swap: 0.8)")
     p.add_argument("--caption-drop", type=float, default=None, metavar="P",
-                   help="teacher, refine, pairs, student: probability each optional caption part is left out "
-                   "(default 0.3; pairs: 0.15)")
+                   help="teacher, refine, pairs, swap, student: probability each optional caption part is left out "
+                   "(default 0.3; pairs, swap: 0.15)")
     p.add_argument("--swap", type=float, default=None, metavar="W",
-                   help="teacher, refine, pairs: weight of the swap contrast, which asks the denoising error under "
-                   "a caption with the two objects' positions exchanged to exceed the true caption's (default 0)")
+                   help="teacher, refine, pairs, swap: weight of the swap contrast, which asks the denoising error "
+                   "under a caption with the two objects' positions exchanged to exceed the true caption's (default 0; "
+                   "swap: 1)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="train the built-in shapes-turbo model (tokenizer, CLIP, VAE, "
-                              "teacher, refine, pairs, ADD student) from scratch")
+                              "teacher, refine, pairs, swap, pool, ADD student) from scratch")
     _args(p)
     return p
 
 
 def cmd_train(a: argparse.Namespace) -> None:
     from ..errors import FewstepError
-    from .recipe import run_all, run_stage
+    from .recipe import ONE_PROCESS, run_all, run_stage
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
                                        a.two_objects, a.caption_drop, a.swap)):
@@ -79,15 +80,15 @@ def cmd_train(a: argparse.Namespace) -> None:
             if value is not None and not 0 <= value <= 1:
                 raise FewstepError(f"{flag} is a probability between 0 and 1, not {value}")
             if value is not None and a.stage not in (*TEACHER_STAGES, "student"):
-                raise FewstepError(f"{flag} is an option of the teacher, refine, pairs and student stages")
+                raise FewstepError(f"{flag} is an option of the teacher, refine, pairs, swap and student stages")
         teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise, "init": a.init, "swap": a.swap}
         if a.stage not in TEACHER_STAGES and any(v is not None for v in teacher_only.values()):
-            raise FewstepError("--text-layers, --offset-noise, --init and --swap are options of the teacher, refine "
-                               "and pairs stages")
+            raise FewstepError("--text-layers, --offset-noise, --init and --swap are options of the teacher, refine, "
+                               "pairs and swap stages")
         if a.swap is not None and a.swap < 0:
             raise FewstepError(f"--swap is a weight, 0 or more, not {a.swap}")
         over.update(teacher_only)
-        if a.stage in ("tokenizer", "export"):
+        if a.stage in ONE_PROCESS:
             over = {}
         report = {a.stage: run_stage(a.stage, a.out, a.tiny, a.seed, a.resume, a.evaluate_n, **over)}
     if int(os.environ.get("RANK", "0")) == 0:  # one report, also under `accelerate launch`

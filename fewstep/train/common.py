@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-STAGE_IDS = {"clip": 1, "vae": 2, "teacher": 3, "student": 4, "refine": 5, "pairs": 6}
+STAGE_IDS = {"clip": 1, "vae": 2, "teacher": 3, "student": 4, "refine": 5, "pairs": 6, "pool": 7, "swap": 8}
 
 
 def seed_for(seed: int, stage: str, step: int, rank: int = 0) -> int:

@@ -1,4 +1,4 @@
-"""Stage 7: the student, distilled from the final teacher (OUT/pairs) to 1-4 steps by Adversarial
+"""Stage 9: the student, distilled from the final teacher (OUT/swap) to 1-4 steps by Adversarial
 Diffusion Distillation (Sauer et al. 2023, "Adversarial Diffusion Distillation", the SD-/SDXL-Turbo recipe).
 
 The student starts as a copy of the teacher and is trained at the four trailing timesteps
@@ -15,7 +15,11 @@ holds 7% of the data, which a student could learn to lean on. From its one-step 
   feature map at once (so something in the discriminator can count objects);
 * distillation loss: x0_hat re-noised to a random teacher timestep t, the teacher's
   classifier-free-guided x0 prediction there as the (stop-gradient) target, squared error weighted
-  by c(t) = sqrt(alphas_cumprod[t]) (ADD's "exponential" weighting), lambda = 2.5.
+  by c(t) = sqrt(alphas_cumprod[t]) (ADD's "exponential" weighting), lambda = 2.5;
+* regression (with Hyper.pool, the recipe's setting): POOL_ROWS more rows a step, each the pure noise z
+  of a teacher sample the evaluator read right (pool.py), whose one-step x0 is pulled onto that sample
+  by squared error, weighted as one row's distillation (DMD's regression loss, Yin et al. 2024): the
+  student learns where the teacher puts each object for a given noise, which neither loss above says.
 
 The student predicts v, not epsilon, though it starts as a copy of the epsilon teacher (Salimans & Ho
 2022, "Progressive Distillation", section 4: few-step students need a parameterization whose x0 stays
@@ -54,6 +58,7 @@ STUDENT_WEIGHTS = (0.4, 0.2, 0.2, 0.2)  # one step (t = 999) is the shipped defa
 DISTILL_WEIGHT = 2.5  # lambda of ADD
 DISC_MAX_T = 700  # the discriminator sees latents re-noised to t ~ U[0, 700)
 ADV_BALANCE = 1.0  # adversarial gradient norm / distillation gradient norm at x0_hat
+REGRESSION_WEIGHT = DISTILL_WEIGHT  # the pool's regression (pool.py): a pool row weighs as a batch row's distillation
 
 
 def encoder_features(unet: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
@@ -195,14 +200,27 @@ class ADD:
         set_lr(self.opt, warmup_lr(step, h.lr, h.warmup, h.steps, decay=False))
         set_lr(self.d_opt, warmup_lr(step, self.disc_lr, h.warmup, h.steps, decay=False))
         g = generator(b["seed"] + 1)
-        s = student_timesteps(len(b["latents"]), g)
+        n = len(b["latents"])
+        s = student_timesteps(n, g)
         real = b["latents"] * (s != STUDENT_TIMESTEPS[0]).view(-1, 1, 1, 1)  # pure noise at t = 999
         xs = diffuse(real, torch.randn(real.shape, generator=g), s, self.ac)
-        x0_hat = to_x0(xs, self.model(xs, s, b["context"]), s, self.ac, STUDENT_PREDICTION)
+        context = b["context"]
+        if "pool_z" in b:  # the regression pool's noise, as the 1-step sampler feeds it, in the same forward
+            top = torch.full((len(b["pool_z"]),), STUDENT_TIMESTEPS[0])
+            noise_only = diffuse(torch.zeros_like(b["pool_z"]), b["pool_z"], top, self.ac)
+            xs, s = torch.cat([xs, noise_only]), torch.cat([s, top])
+            context = torch.cat([context, b["pool_context"]])
+        x0_all = to_x0(xs, self.model(xs, s, context), s, self.ac, STUDENT_PREDICTION)
+        x0_hat = x0_all[:n]
         self.inner_disc.requires_grad_(False)  # the generator step must not touch the discriminator
         grad, logs, (fake, real) = self.generator_grad(x0_hat.detach().requires_grad_(True), b, g)
+        surrogate = (x0_hat * grad).sum()  # d/dtheta of this surrogate is J^T grad: the student's gradient
+        if "pool_z" in b:
+            regression = (x0_all[n:] - b["pool_x0"]).pow(2).mean(dim=(1, 2, 3)).sum() / n
+            surrogate = surrogate + REGRESSION_WEIGHT * regression
+            logs["regression"] = regression.item()
         self.opt.zero_grad(set_to_none=True)
-        accel.backward((x0_hat * grad).sum())  # d/dtheta of this surrogate is J^T grad: the student's gradient
+        accel.backward(surrogate)
         accel.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.ema.update(accel.unwrap_model(self.model), step)
@@ -220,15 +238,19 @@ def student_timesteps(n: int, g: torch.Generator) -> torch.Tensor:
 
 
 def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, disc_lr: float = 1e-4) -> dict:
-    """ADD from the final teacher (OUT/pairs/unet); writes the student's EMA weights to
-    OUT/student/unet/ and returns a quick 1-step accuracy check (full size only)."""
+    """ADD from the final teacher (OUT/swap/unet), plus regression onto its pool (OUT/pool); writes the
+    student's EMA weights to OUT/student/unet/ and returns a quick 1-step accuracy check (full size only)."""
     from ..loading import load_unet
     from .evaluate import finish_unet, preview
     from .export import STUDENT_SCHEDULER
     out = Path(out)
     stage = Stage("student", out, hyper, seed)
+    pool = None
+    if hyper.pool:
+        from .pool import Pool
+        pool = Pool(out)
     data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0,
-                      text_folder=text_encoder_folder(out), mix=(hyper.two_objects, hyper.caption_drop))
+                      text_folder=text_encoder_folder(out), mix=(hyper.two_objects, hyper.caption_drop), pool=pool)
     teacher = load_unet(teacher_folder(out) / "unet")
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     torch.manual_seed(seed)

@@ -37,9 +37,10 @@ class Hyper:
     text_layers: int = 0  # teacher: the text encoder's last layers trained with the UNet (0: frozen CLIP)
     offset_noise: float = 0.0  # teacher: std of the per-image, per-channel constant added to the noise
     init: str | None = None  # teacher: start from this trained teacher (its unet/ and text_encoder/), not random
-    two_objects: float = 0.5  # teacher, refine, pairs, student: fraction of training scenes with two objects
-    caption_drop: float = 0.3  # teacher, refine, pairs, student: probability each optional caption part is left out
-    swap: float = 0.0  # teacher, refine, pairs: weight of the swap contrast (teacher.denoising_loss; 0: off)
+    two_objects: float = 0.5  # teacher stages (teacher ... swap), student: fraction of training scenes with two objects
+    caption_drop: float = 0.3  # teacher stages, student: probability each optional caption part is left out
+    swap: float = 0.0  # teacher stages: weight of the swap contrast (teacher.denoising_loss; 0: off)
+    pool: bool = False  # student: regress one-step samples onto the teacher's pool (train/pool.py)
 
 
 class LossLog:

@@ -1,6 +1,6 @@
 """The whole shapes-turbo recipe, in order, from nothing to two shippable folders:
 
-    tokenizer -> clip -> vae -> teacher -> refine -> pairs -> student -> export (+ evaluation)
+    tokenizer -> clip -> vae -> teacher -> refine -> pairs -> swap -> pool -> student -> export (+ evaluation)
 
 1. a CLIP-style BPE tokenizer learned on captions (seconds);
 2. a tiny CLIP trained contrastively; its text transformer is frozen from here on;
@@ -8,8 +8,12 @@
 4. the teacher: a latent DDPM UNet with classifier-free guidance and EMA;
 5. refine: the teacher fine-tuned with the whole text transformer (all 4 layers) and offset noise;
 6. pairs: the refined teacher fine-tuned on mostly two-object scenes with fuller captions;
-7. the student: adversarial diffusion distillation of that final teacher to 1-4 steps;
-8. export: OUT/shapes-teacher and OUT/shapes-turbo (diffusers layout, fp16), then both are scored
+7. swap: pairs continued with the swap contrast (two objects' places exchanged in the caption must
+   denoise worse): the final teacher;
+8. pool: that final teacher's samples from known noise, kept where the evaluator reads them right;
+9. the student: adversarial diffusion distillation of the final teacher to 1-4 steps, plus regression
+   of its one-step samples onto the pool;
+10. export: OUT/shapes-teacher and OUT/shapes-turbo (diffusers layout, fp16), then both are scored
    with the shapes evaluator; the numbers go to OUT/report.json.
 
 Every stage reads what the earlier ones wrote under OUT and is resumable (`resume=True` continues a
@@ -26,12 +30,15 @@ from pathlib import Path
 from .loop import Hyper
 from .sizes import SETTINGS, sizes
 
-STAGES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "student", "export")
+STAGES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "swap", "pool", "student", "export")
 OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model.safetensors",
            "vae": "vae/diffusion_pytorch_model.safetensors", "teacher": "teacher/unet/diffusion_pytorch_model.safetensors",
            "refine": "refine/unet/diffusion_pytorch_model.safetensors",
            "pairs": "pairs/unet/diffusion_pytorch_model.safetensors",
+           "swap": "swap/unet/diffusion_pytorch_model.safetensors",
+           "pool": "pool/pool.safetensors",
            "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
+ONE_PROCESS = ("tokenizer", "pool", "export")  # no optimiser steps: no Hyper, run by the main process
 # Sampling defaults written to each exported folder's fewstep.json, chosen by bench/sampler_study.py and
 # `fewstep eval` (docs/SHAPES.md, "Sampler study" and "Ninth session"). The teacher: Euler ancestral, whose
 # fresh noise each step corrects what the deterministic samplers keep (98.0% / 44.0% one- / two-object
@@ -60,13 +67,20 @@ def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: 
     out, t0 = Path(out), time.perf_counter()
     _require(out, stage, init=overrides.get("init") is not None)
     report = {}
-    if stage in ("tokenizer", "export"):  # one process's work, also under `accelerate launch`
+    if stage in ONE_PROCESS:  # one process's work, also under `accelerate launch`
         from accelerate import PartialState
         state = PartialState(cpu=True)
         if state.is_main_process and stage == "tokenizer":
             from .tokenizer import train_tokenizer
             report["vocab"] = len(train_tokenizer(out / "tokenizer", seed=seed, n=2000 if tiny else 20000,
                                                    max_length=sizes(tiny).context))
+        elif state.is_main_process and stage == "pool":
+            import torch
+
+            from .common import cpu_count
+            from .pool import POOL_SIZE, make_pool
+            torch.set_num_threads(cpu_count())
+            report.update(make_pool(out, POOL_SIZE["tiny" if tiny else "full"], seed))
         elif state.is_main_process:
             import torch
 
@@ -83,12 +97,13 @@ def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: 
 
 def _require(out: Path, stage: str, init: bool = False) -> None:
     """The outputs of the earlier stages this one reads, or a one-line error naming the stage to run. With
-    `init` (--init DIR) refine and pairs fine-tune DIR, so they need no earlier teacher stage in OUT."""
+    `init` (--init DIR) refine, pairs and swap fine-tune DIR, so they need no earlier teacher stage in OUT."""
     from ..errors import FewstepError
     base = ("tokenizer", "clip", "vae")
     needs = {"tokenizer": (), "clip": ("tokenizer",), "vae": (), "teacher": base,
              "refine": base if init else (*base, "teacher"), "pairs": base if init else (*base, "refine"),
-             "student": (*base, "pairs"), "export": (*base, "pairs", "student")}
+             "swap": base if init else (*base, "pairs"), "pool": (*base, "swap"), "student": (*base, "swap", "pool"),
+             "export": (*base, "swap", "student")}
     for earlier in needs[stage]:
         if not (out / OUTPUTS[earlier]).is_file():
             raise FewstepError(f"stage '{stage}' needs {out / OUTPUTS[earlier]}: run `fewstep train {earlier} "
@@ -111,6 +126,9 @@ def _trainer(stage: str):
     if stage == "pairs":
         from .teacher import pairs_teacher
         return pairs_teacher
+    if stage == "swap":
+        from .teacher import swap_teacher
+        return swap_teacher
     from .distill import train_student
     return train_student
 
@@ -147,7 +165,7 @@ def run_all(out: Path, tiny: bool = False, seed: int = 0, resume: bool = False, 
     for stage in STAGES:
         if resume and (out / OUTPUTS[stage]).is_file() and stage in report:
             continue
-        extra = {} if stage in ("tokenizer", "export") else {"scale": scale, "workers": workers}
+        extra = {} if stage in ONE_PROCESS else {"scale": scale, "workers": workers}
         report[stage] = run_stage(stage, out, tiny, seed, resume, evaluate_n, **extra)
         path.write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -1,0 +1,93 @@
+"""The student's regression pool: teacher samples from known noise, kept only where the shapes
+evaluator reads them as their captions.
+
+DMD (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillation", sec. 3.3) adds to
+its one-step generator's loss a regression onto pairs (noise z, the teacher's deterministic ODE sample
+from z), so that the generator keeps the teacher's large-scale structure per noise instead of
+collapsing onto a few modes. The shapes student's commonest one-step faults are large-scale ones (an
+object drawn twice, two objects at each other's places; docs/SHAPES.md) that its per-step losses
+judge poorly (the ADD discriminator sits at chance). Here the pairs are also filtered: a teacher
+sample enters the pool only when the evaluator scores it right for its caption, so the student
+regresses onto the teacher's correct layouts only.
+
+`make_pool` writes OUT/pool/pool.safetensors: z [N, 4, h, w] (unit noise, the pipeline's initial
+latents), x0 [N, 4, h, w] (the teacher's final latents) and ids [N, L] (the captions' tokens); the
+student's `LatentData` adds POOL_ROWS of them to each batch (`pool_rows`) and `distill.ADD` regresses
+its one-step prediction from z onto x0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import FewstepError
+from .common import generator, seed_for
+
+POOL_SAMPLER, POOL_STEPS = "dpmpp_2m", 15  # deterministic: the target is a function of z
+POOL_ROWS = 8  # pool rows added to each process's student batch
+POOL_SIZE = {"full": 6144, "tiny": 8}  # teacher samples drawn (the pool keeps the right ones)
+POOL_MIX = (0.7, 0.3)  # fraction of two-object captions (what the one-step student gets wrong most), part drop
+
+
+def pool_path(run: Path) -> Path:
+    return Path(run) / "pool" / "pool.safetensors"
+
+
+@torch.no_grad()
+def make_pool(run: Path, n: int, seed: int, mix: tuple[float, float] = POOL_MIX, chunk: int = 64,
+              progress: bool = True) -> dict:
+    """n teacher samples (the final teacher, OUT/swap; guidance as shipped) from seeded noise for captions
+    drawn with `mix` (the renderer's `two`, `drop`); keeps the ones the evaluator scores right (all of them below 128x128,
+    where it cannot read), writes them to `pool_path(run)` and returns the counts."""
+    from tqdm import tqdm
+
+    from ..shapes.evaluate import score
+    from ..shapes.render import batch
+    from .evaluate import run_pipeline
+    from .export import TEACHER_SCHEDULER
+    from .recipe import TEACHER_DEFAULTS
+    from .teacher import teacher_folder
+    run = Path(run)
+    pipe = run_pipeline(run, teacher_folder(run) / "unet", TEACHER_SCHEDULER, POOL_STEPS, TEACHER_DEFAULTS["guidance"])
+    seed = seed_for(seed, "pool", 0, 0)
+    captions = batch(seed, n, size=32, drop=mix[1], two=mix[0])[1]
+    side = pipe.unet.cfg.sample_size
+    g = generator(seed)
+    keep = {"z": [], "x0": [], "ids": []}
+    for j in tqdm(range(0, n, chunk), desc="pool", disable=not progress):
+        part = captions[j:j + chunk]
+        z = torch.randn((len(part), pipe.unet.cfg.in_channels, side, side), generator=g)
+        x0 = pipe(part, latents=z, sampler=POOL_SAMPLER, progress=False, output_type="latent")
+        images = ((pipe.decode(x0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        right = [score(c, im) for c, im in zip(part, images)] if images.shape[1] >= 128 else [True] * len(part)
+        rows = torch.tensor(np.flatnonzero(right), dtype=torch.long)
+        keep["z"].append(z[rows])
+        keep["x0"].append(x0[rows].float())
+        keep["ids"].append(pipe.tokenizers[0]([part[i] for i in rows.tolist()]).to(torch.int32))
+    tensors = {k: torch.cat(v).contiguous() for k, v in keep.items()}
+    if not len(tensors["z"]):
+        raise FewstepError(f"pool: none of the teacher's {n} samples was right; train the teacher further")
+    path = pool_path(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"sampler": POOL_SAMPLER, "steps": str(POOL_STEPS), "generated": str(n)})
+    return {"generated": n, "kept": len(tensors["z"])}
+
+
+class Pool:
+    """The pool, and each batch's rows of it: `rows(seed, stage, step, rank)` draws POOL_ROWS indices
+    (with replacement) from that step's own seed, so a resumed run draws what the straight run drew."""
+
+    def __init__(self, run: Path):
+        path = pool_path(run)
+        if not path.is_file():
+            raise FewstepError(f"no regression pool at {path}: run `fewstep train pool --out {run}` first")
+        t = load_file(str(path))
+        self.z, self.x0, self.ids = t["z"], t["x0"], t["ids"].long()
+
+    def rows(self, seed: int, stage: str, step: int, rank: int, k: int = POOL_ROWS) -> torch.Tensor:
+        g = generator(seed_for(seed, stage, step, rank) + 2)
+        return torch.randint(0, len(self.z), (k,), generator=g)
