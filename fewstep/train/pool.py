@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import FewstepError
-from .common import generator, seed_for
+from .common import generator, seed_for, tensor_to_images
 
 POOL_SAMPLER, POOL_STEPS = "dpmpp_2m", 15  # deterministic: the target is a function of z
 POOL_ROWS = 8  # pool rows added to each process's student batch
@@ -62,7 +62,7 @@ def make_pool(run: Path, n: int, seed: int, mix: tuple[float, float] = POOL_MIX,
         part = captions[j:j + chunk]
         z = torch.randn((len(part), pipe.unet.cfg.in_channels, side, side), generator=g)
         x0 = pipe(part, latents=z, sampler=POOL_SAMPLER, progress=False, output_type="latent")
-        images = ((pipe.decode(x0) / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        images = tensor_to_images(pipe.decode(x0))
         right = [score(c, im) for c, im in zip(part, images)] if images.shape[1] >= 128 else [True] * len(part)
         rows = torch.tensor(np.flatnonzero(right), dtype=torch.long)
         keep["z"].append(z[rows])

@@ -203,9 +203,11 @@ def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0,
     t = torch.randint(0, len(ac), (n,), generator=g)
     noise = training_noise(x0.shape, g, offset)
     x_t, hidden, target = diffuse(x0, noise, t, ac), b["hidden"], noise
-    rows = b["swap_index"][t[b["swap_index"]] >= SWAP_MIN_T] if swap and "swap_index" in b else None
+    rows = None
+    if swap and "swap_index" in b:
+        keep = t[b["swap_index"]] >= SWAP_MIN_T
+        rows, twins = b["swap_index"][keep], b["swap_hidden"][keep]
     if rows is not None and len(rows):
-        twins = b["swap_hidden"][t[b["swap_index"]] >= SWAP_MIN_T]
         x_t, t, hidden, target = (torch.cat([x_t, x_t[rows]]), torch.cat([t, t[rows]]),
                                   torch.cat([hidden, twins]), torch.cat([noise, noise[rows]]))
     per_sample = F.mse_loss(model(x_t, t, hidden), target, reduction="none").mean((1, 2, 3))
