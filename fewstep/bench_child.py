@@ -140,7 +140,7 @@ def fewstep_runner(job: Job) -> Runner:
     if s.compile:
         from .compile import compile_pipeline
         t = time.perf_counter()
-        compile_pipeline(pipe, mode=s.compile_mode, regional=True, cache_dir=job.compile_dir)
+        compile_pipeline(pipe, mode=s.compile_mode, cache_dir=job.compile_dir)
         compile_s = time.perf_counter() - t
     cache = None
     if s.cache:

@@ -7,7 +7,8 @@ resnet and attention, TAESD block, CLIP encoder layer) is compiled. Identical bl
 compiled graph (dynamo guards on shapes, not on module identity), so compile time is a handful of
 small graphs rather than one huge one (the recipe reports close to whole-model speed-ups). Regional compilation
 also keeps working under `fewstep.deepcache.DeepCache`, which calls the UNet's blocks directly;
-`regional=False` compiles the whole UNet as one graph (the VAE and text encoders stay regional).
+`regional=False` compiles the whole UNet as one graph (the VAE and text encoders stay regional). The
+CUDA-graph modes ("reduce-overhead", "max-autotune") compile each module whole (`compile_graphed`).
 
 Warm starts: inductor's FX-graph cache and AOTAutograd cache (switched on here in case the torch
 version or the environment turned them off) are pointed at `cache_dir` through
@@ -35,6 +36,12 @@ from torch import nn
 from .errors import FewstepError
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# The modes that capture CUDA graphs (on a GPU). They compile whole modules, not regions: the blocks of a
+# regional compile share one compiled function, and CUDA-graph trees give each call's outputs the buffers
+# of the next call of that function, so block 2's run overwrites block 1's output while block 2 still
+# reads it ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", seen on
+# an H200 in a CLIP encoder layer's residual add, docs/BENCHMARKS.md "GPU").
+GRAPH_MODES = ("reduce-overhead", "max-autotune")
 MEGA_CACHE = "mega-cache"  # a folder of save_cache_artifacts() files
 # Distinct (shape, attribute) variants of one block type: SD 1.x at 512 px with CFG has ~20 resnet
 # variants across UNet and VAE; dynamo's default of 8 would leave the rest running eagerly.
@@ -105,14 +112,50 @@ def compile_regions(module: nn.Module, mode: str | None, fullgraph: bool, dynami
     return len(blocks)
 
 
-def compile_pipeline(pipe, *, mode: str | None = None, regional: bool = True, cache_dir: str | Path | None = None,
-                     fullgraph: bool = False, dynamic: bool | None = False, backend: str = "inductor"):
+def compile_graphed(module: nn.Module, **compile_kwargs) -> nn.Module:
+    """Compile `module` whole for a CUDA-graph mode, in place: its forward becomes the compiled one,
+    called after `torch.compiler.cudagraph_mark_step_begin()` and with its output tensors cloned. Each
+    call is then a step of its own and hands out tensors of its own (one copy of the output, tiny
+    next to the module), so nothing outside the graph ever holds a buffer that the next replay
+    overwrites: the sampler's history, the text embeddings kept across steps, the decoded image."""
+    compiled = torch.compile(module.forward, **compile_kwargs)
+
+    def forward(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return _cloned(compiled(*args, **kwargs))
+
+    forward.fewstep_graphed = True
+    module.forward = forward
+    return module
+
+
+def graphed(module: nn.Module) -> bool:
+    """Whether `compile_graphed` compiled this module."""
+    return getattr(module.forward, "fewstep_graphed", False)
+
+
+def _cloned(out):
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a NamedTuple (CLIPTextOutput)
+        return type(out)(*(_cloned(v) for v in out))
+    if isinstance(out, (tuple, list)):
+        return type(out)(_cloned(v) for v in out)
+    return out
+
+
+def compile_pipeline(pipe, *, mode: str | None = None, regional: bool | None = None,
+                     cache_dir: str | Path | None = None, fullgraph: bool = False, dynamic: bool | None = False,
+                     backend: str = "inductor"):
     """Compile a Pipeline's UNet, VAE, tiny decoder (when set) and text encoders in place
     (compilation itself happens at the first generation); returns pipe.
 
     mode: torch.compile's mode; "reduce-overhead" adds CUDA graphs on a GPU, "max-autotune" also
     benchmarks kernel choices (slow to compile). regional: compile repeated blocks (fast to compile)
-    or, with False, the whole UNet as one graph. cache_dir: where compiled kernels persist between
+    or, with False, the whole UNet as one graph; default: regional, except in the CUDA-graph modes
+    (GRAPH_MODES), which compile each module whole (UNet, text encoders, each autoencoder's encoder
+    and decoder) through `compile_graphed` and cannot be regional. cache_dir: where compiled kernels
+    persist between
     processes (default ~/.cache/fewstep/compile, or TORCHINDUCTOR_CACHE_DIR). dynamic=False compiles
     one static graph per distinct block shape (identical blocks share it; a new image size compiles
     again); True or None (torch's automatic) trade some kernel speed for fewer recompiles.
@@ -126,8 +169,20 @@ def compile_pipeline(pipe, *, mode: str | None = None, regional: bool = True, ca
         # inductor lowers oneDNN int8 ops only with weight freezing, and compiling them took minutes here
         raise FewstepError("an int8-cpu quantized pipeline runs eagerly: quantize without compiling, or compile "
                            "without int8-cpu")
+    if mode in GRAPH_MODES and regional:
+        raise FewstepError(f"compile mode {mode} captures CUDA graphs, which need whole modules: drop regional "
+                           "(blocks sharing one graph overwrite each other's outputs)")
     use_cache_dir(cache_dir)
-    if regional:
+    if mode in GRAPH_MODES:
+        kwargs = dict(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
+        for module in (pipe.unet, *pipe.text_encoders):
+            compile_graphed(module, **kwargs)
+        for ae in (pipe.vae, pipe.decoder):
+            for part in (getattr(ae, "encoder", None), getattr(ae, "decoder", None)):
+                if part is not None:
+                    compile_graphed(part, **kwargs)
+        return pipe
+    if regional is None or regional:
         compile_regions(pipe.unet, mode, fullgraph, dynamic, backend)
     else:
         pipe.unet.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
@@ -138,7 +193,7 @@ def compile_pipeline(pipe, *, mode: str | None = None, regional: bool = True, ca
 
 
 def compile_timings(model: str | Path | None = None, *, cache_dir: str | Path, mode: str | None = None,
-                    regional: bool = True, device: str = "cpu", dtype: str = "float32", size: int | None = None,
+                    regional: bool | None = None, device: str = "cpu", dtype: str = "float32", size: int | None = None,
                     steps: int = 1, processes: int = 2, threads: int | None = None) -> list[dict]:
     """Cold vs warm compile, measured in `processes` fresh Python processes run one after another
     with the same cache_dir (pass an empty folder for a cold first run). Each process loads the

@@ -10,7 +10,7 @@ import torch
 
 import fewstep
 from conftest import SHARED, requires_shared, slow
-from fewstep.compile import RECOMPILE_LIMIT, compile_pipeline, compile_timings, regions
+from fewstep.compile import RECOMPILE_LIMIT, compile_pipeline, compile_timings, graphed, regions
 from fewstep.deepcache import DeepCache
 from fewstep.errors import FewstepError
 
@@ -73,6 +73,65 @@ def test_whole_unet(folder, tmp_path):
     pipe = compile_pipeline(fewstep.load(folder), regional=False, cache_dir=tmp_path, backend="aot_eager")
     assert compiled(pipe.unet) == [""]
     assert len(compiled(pipe.vae)) == 18
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_graph_modes_compile_whole_modules(folder, tmp_path, mode):
+    """The CUDA-graph modes compile the UNet, the text encoder, each autoencoder's encoder and decoder
+    whole (regional blocks sharing one graph overwrote each other's outputs on an H200), no block alone."""
+    pipe = compile_pipeline(fewstep.load(folder, decoder=SHARED / "taesd"), mode=mode, cache_dir=tmp_path,
+                            backend="aot_eager")
+    whole = [pipe.unet, pipe.text_encoders[0], pipe.vae.encoder, pipe.vae.decoder, pipe.decoder.decoder]
+    assert all(graphed(m) for m in whole)
+    assert not graphed(pipe.vae) and not graphed(pipe.decoder) and not graphed(pipe.unet.conv_in)
+    assert all(compiled(m) == [] for m in (pipe.unet, pipe.vae, pipe.decoder, pipe.text_encoders[0]))
+    with pytest.raises(FewstepError, match="compile mode reduce-overhead captures CUDA graphs, which need whole "
+                                           "modules: drop regional"):
+        compile_pipeline(fewstep.load(folder), mode="reduce-overhead", regional=True, cache_dir=tmp_path)
+
+
+@torch.no_grad()
+def test_graphed_pipeline_equals_eager_and_hands_out_copies(folder, tmp_path):
+    """Traced (aot_eager) whole modules give the eager images, at 3 steps with guidance; each call's
+    outputs are tensors of their own (a CUDA graph's replay would overwrite its output buffers)."""
+    pipe = fewstep.load(folder)
+    kwargs = dict(steps=3, guidance=5.0, width=64, height=64, progress=False, output_type="pt")
+    want = pipe(PROMPT, **kwargs)
+    compile_pipeline(pipe, mode="reduce-overhead", cache_dir=tmp_path, backend="aot_eager")
+    got = pipe(PROMPT, **kwargs)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def static_outputs(gm, example_inputs):
+    """A dynamo backend that, like a CUDA graph's replay, writes every call's outputs into the same
+    tensors and returns those."""
+    kept = []
+
+    def run(*args):
+        outs = gm(*args)
+        if not kept:
+            kept.extend(o.clone() for o in outs)
+        for k, o in zip(kept, outs):
+            k.copy_(o)
+        return type(outs)(kept)
+    return run
+
+
+@torch.no_grad()
+def test_graphed_module_hands_out_copies(folder):
+    """Through a backend that reuses its output tensors (as CUDA-graph replays do), the first call's
+    text embeddings survive the second call: compile_graphed clones what the graph hands out."""
+    from fewstep.compile import compile_graphed
+    pipe = fewstep.load(folder)
+    enc, tok = pipe.text_encoders[0], pipe.tokenizers[0]
+    ids_a, ids_b = tok(["a red circle"]), tok(["a blue square at the top"])
+    want_a = enc(ids_a).last_hidden_state
+    compile_graphed(enc, backend=static_outputs)
+    a = enc(ids_a)
+    b = enc(ids_b)
+    assert type(a).__name__ == "CLIPTextOutput"
+    assert (a.last_hidden_state - want_a).abs().max().item() <= 1e-5
+    assert (a.last_hidden_state - b.last_hidden_state).abs().max().item() > 1e-2
 
 
 def test_bad_mode(folder, tmp_path):
