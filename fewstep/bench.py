@@ -332,6 +332,14 @@ def warm_page_cache(folder: Path, log) -> None:
                     pass
 
 
+def brief(child: dict) -> str:
+    """One child's numbers in a line, logged as soon as it ends: a run stopped before the report (a
+    time limit, a later process failing) still leaves them in the log."""
+    e2e = child["e2e"]
+    out = f"end-to-end median {statistics.median(e2e):.4g} s over {len(e2e)} runs, load {child['load_s']:.3g} s"
+    return out + (f", compile {child['compile_s']:.3g} s" if child.get("compile_s") is not None else "")
+
+
 def _measure(base: Job, libraries: dict[str, Settings], rounds: int, log) -> tuple[dict[str, Result], dict]:
     """Alternate the libraries' processes round by round, add a warm-compile process where there is only
     one round, and the PSNR of each library's image against fewstep's fp32 full-VAE image."""
@@ -345,11 +353,13 @@ def _measure(base: Job, libraries: dict[str, Settings], rounds: int, log) -> tup
                 log(f"{lib}: round {r + 1}/{rounds} ({job.settings.describe()}) ...")
                 image = str(Path(tmp) / f"{lib}.npy") if r == 0 else None
                 children[lib].append(run_child(replace(job, image=image)))
+                log(f"{lib}: {brief(children[lib][-1])}")
         warm = {}
         for lib, job in jobs.items():
             if job.settings.compile and rounds == 1:
                 log(f"{lib}: compile again with the warm cache ...")
                 warm[lib] = run_child(replace(job, runs=1, warmup=0))
+                log(f"{lib}: {brief(warm[lib])}")
         results = {lib: summarize(lib, s, children[lib], warm.get(lib)) for lib, s in libraries.items()}
         reference = Path(tmp) / "fewstep.npy"
         if base.settings != base.settings.reference():

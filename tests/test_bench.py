@@ -16,7 +16,7 @@ import torch
 
 import fewstep
 from conftest import CONFIGS, SHARED, requires_shared
-from fewstep.bench import Job, Options, Settings, notes, parse_cache, psnr, ratios, run_bench, summarize
+from fewstep.bench import Job, Options, Settings, brief, notes, parse_cache, psnr, ratios, run_bench, summarize
 from fewstep.bench_random import random_folder
 from fewstep.cli import main
 from fewstep.errors import FewstepError
@@ -96,6 +96,10 @@ def test_summarize_on_fixed_numbers():
     assert (warm_only.compile_cold_s, warm_only.compile_warm_s) == (30.0, 7.0)
     half = summarize("diffusers", s, children[1:])
     assert ratios(r, half)["e2e_s"] == 2.5 / 3.5 and ratios(r, half)["load_s"] == 3.0 / 4.0
+    # each child's line, logged as it ends (a run cut short still leaves it)
+    assert brief(children[0]) == "end-to-end median 1.5 s over 2 runs, load 2 s, compile 30 s"
+    assert brief({**child, "e2e": [0.0641, 0.07, 0.06], "compile_s": None}) == \
+        "end-to-end median 0.0641 s over 3 runs, load 2 s"
 
 
 def test_psnr_and_parse_cache():
