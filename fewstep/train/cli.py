@@ -1,6 +1,6 @@
 """`fewstep train STAGE --out DIR ...`: the shapes-turbo training recipe from the command line.
 
-    fewstep train all --out runs/shapes                 # the whole recipe (about 2 h on 2 CPU cores)
+    fewstep train all --out runs/shapes                 # the whole recipe (2.3-3 h on 2 CPU cores)
     fewstep train teacher --out runs/shapes --resume    # one stage, continued from its checkpoint
     accelerate launch --multi_gpu --num_processes 2 -m fewstep.train.cli vae --out runs/shapes  # 2 CPU processes
 
