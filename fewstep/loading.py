@@ -138,8 +138,8 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "cpu", 
     configs and tokenizers to use (as diffusers' `from_single_file(config=...)`); prediction_type
     overrides the scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files).
 
-    dtype applies to the UNet and text encoders; an fp16 pipeline keeps a `force_upcast` VAE in fp32
-    (`pipeline.vae_dtype`). channels_last, fuse_qkv, decoder ("tiny", "full" or a TAESD folder) and
+    dtype applies to the UNet and text encoders; an fp16 SDXL pipeline keeps its `force_upcast` VAE in
+    fp32 (`pipeline.vae_dtype`). channels_last, fuse_qkv, decoder ("tiny", "full" or a TAESD folder) and
     token_downsample (ToDo's factor, e.g. 2) are the speed options of `fewstep.accel.optimize`."""
     from .accel import optimize
     root = resolve(path, variant)
@@ -165,7 +165,7 @@ def _load_folder(root: Path, device, dtype, variant, allow_pickle, prediction_ty
     vae = load_autoencoder(root / "vae", **{**kw, "dtype": torch.float32})
     return Pipeline(
         unet=load_unet(root / "unet", **kw),
-        vae=vae.to(vae_dtype(vae.cfg, dtype, device)),
+        vae=vae.to(vae_dtype(vae.cfg, dtype, device, sdxl=len(names) == 2)),
         text_encoders=[load_text_encoder(root / n, **kw) for n in names],
         tokenizers=[CLIPTokenizer.from_folder(root / n.replace("text_encoder", "tokenizer")) for n in names],
         scheduler=sched,

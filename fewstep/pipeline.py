@@ -56,16 +56,18 @@ def native_bf16(device) -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def vae_dtype(cfg, dtype: torch.dtype, device) -> torch.dtype:
+def vae_dtype(cfg, dtype: torch.dtype, device, sdxl: bool = False) -> torch.dtype:
     """The dtype to keep an autoencoder in when the rest of a pipeline on `device` runs in `dtype`.
 
-    An fp16 pipeline whose VAE config says `force_upcast` (SD 1.x / 2.x / XL: decoder activations
-    overflow fp16) keeps that VAE in fp32, decided once at load time. diffusers decodes such a VAE in
-    fp32 too, but converts it there and back around every call. bf16 has fp32's range and is kept,
-    as diffusers does (it upcasts for float16 only), except on a CPU without bf16 hardware
-    (`native_bf16`), where the autoencoder stays fp32: faster there, and exact. TAESD configs have
-    no force_upcast flag."""
-    if dtype == torch.float16 and getattr(cfg, "force_upcast", False):
+    As diffusers' pipelines do: an fp16 SDXL pipeline (`sdxl`) whose VAE config says `force_upcast`
+    (the SDXL VAE's decoder activations overflow fp16) keeps that VAE in fp32, decided once at load
+    time (diffusers converts it there and back around every call); SD 1.x / 2.x pipelines decode in
+    fp16, as diffusers' StableDiffusionPipeline and A1111 do (their configs carry AutoencoderKL's
+    default force_upcast=True, which diffusers' SD pipeline does not read). A decode that overflows
+    anyway is caught by `safe_decode` and run again in fp32 (A1111's "revert VAE to 32-bit"). bf16 has
+    fp32's range and is kept, except on a CPU without bf16 hardware (`native_bf16`), where the
+    autoencoder stays fp32: faster there, and exact. TAESD configs have no force_upcast flag."""
+    if dtype == torch.float16 and sdxl and getattr(cfg, "force_upcast", False):
         return torch.float32
     if dtype == torch.bfloat16 and not native_bf16(device):
         return torch.float32

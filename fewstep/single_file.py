@@ -60,7 +60,7 @@ def load_single_file(path: Path, *, device="cpu", dtype=torch.float32, allow_pic
     return Pipeline(
         unet=build(lambda: UNet(unet_cfg), sds["unet"], f"UNet of {path.name}", device, dtype),
         vae=build(lambda: AutoencoderKL(vae_cfg), sds["vae"], f"VAE of {path.name}", device,
-                  vae_dtype(vae_cfg, dtype, device)),
+                  vae_dtype(vae_cfg, dtype, device, sdxl=len(names) == 2)),
         text_encoders=[build(lambda c=c: CLIPTextModel(c), sds[n], f"{n} of {path.name}", device, dtype)
                        for n, c in zip(names, text_cfgs)],
         tokenizers=[CLIPTokenizer.from_folder(root / n.replace("text_encoder", "tokenizer")) for n in names],
