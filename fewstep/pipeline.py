@@ -59,15 +59,19 @@ def native_bf16(device) -> bool:
 def vae_dtype(cfg, dtype: torch.dtype, device, sdxl: bool = False) -> torch.dtype:
     """The dtype to keep an autoencoder in when the rest of a pipeline on `device` runs in `dtype`.
 
-    As diffusers' pipelines do: an fp16 SDXL pipeline (`sdxl`) whose VAE config says `force_upcast`
-    (the SDXL VAE's decoder activations overflow fp16) keeps that VAE in fp32, decided once at load
-    time (diffusers converts it there and back around every call); SD 1.x / 2.x pipelines decode in
-    fp16, as diffusers' StableDiffusionPipeline and A1111 do (their configs carry AutoencoderKL's
-    default force_upcast=True, which diffusers' SD pipeline does not read). A decode that overflows
-    anyway is caught by `safe_decode` and run again in fp32 (A1111's "revert VAE to 32-bit"). bf16 has
-    fp32's range and is kept, except on a CPU without bf16 hardware (`native_bf16`), where the
-    autoencoder stays fp32: faster there, and exact. TAESD configs have no force_upcast flag."""
-    if dtype == torch.float16 and sdxl and getattr(cfg, "force_upcast", False):
+    fp16 on a GPU, as diffusers' pipelines do: an SDXL pipeline (`sdxl`) whose VAE config says
+    `force_upcast` (the SDXL VAE's decoder activations overflow fp16) keeps that VAE in fp32, decided
+    once at load time (diffusers converts it there and back around every call); SD 1.x / 2.x pipelines
+    decode in fp16, as diffusers' StableDiffusionPipeline and A1111 do (their configs carry
+    AutoencoderKL's default force_upcast=True, which diffusers' SD pipeline does not read). A decode
+    that overflows anyway is caught by `safe_decode` and run again in fp32 (A1111's "revert VAE to
+    32-bit"). fp16 on a CPU: a force_upcast VAE stays fp32, as CPUs have no fast fp16 convolutions
+    (diffusers' fp16 SD-Turbo decode took 59.7 s against fewstep's fp32 1.6 s at 64x64 on the
+    development CPU, one run). bf16 has fp32's range and is kept, except on a CPU without bf16
+    hardware (`native_bf16`), where the autoencoder stays fp32: faster there, and exact. TAESD
+    configs have no force_upcast flag."""
+    cpu = torch.device(device).type == "cpu"
+    if dtype == torch.float16 and (sdxl or cpu) and getattr(cfg, "force_upcast", False):
         return torch.float32
     if dtype == torch.bfloat16 and not native_bf16(device):
         return torch.float32

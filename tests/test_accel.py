@@ -219,36 +219,42 @@ def test_bf16_without_bf16_hardware_keeps_the_autoencoder_fp32(tiny_folders, tae
     assert pipe(PROMPT, **GEN).dtype == torch.float32
 
 
-def test_fp16_sdxl_keeps_upcast_vae_in_fp32_once(tiny_folders, monkeypatch, tmp_path):
-    """As diffusers: an fp16 SDXL pipeline keeps its force_upcast VAE in fp32 (converted once, at load);
-    an SD 1.x one decodes in fp16, whatever its config's (default) force_upcast says."""
+def test_fp16_keeps_upcast_vae_in_fp32_once(tiny_folders, monkeypatch, tmp_path):
     import fewstep.pipeline
-    pipe = fewstep.load(tiny_folders["sdxl"], dtype=torch.float16)
+    pipe = fewstep.load(tiny_folders["sd1"], dtype=torch.float16)
     assert pipe.unet.conv_in.weight.dtype == torch.float16 and pipe.vae.cfg.force_upcast
     assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
     monkeypatch.setattr(fewstep.pipeline, "_decode_as", None)  # no per-call conversion on the normal path
     out = pipe(PROMPT, **GEN)
-    assert out.dtype == torch.float32 and (out - fewstep.load(tiny_folders["sdxl"])(PROMPT, **GEN)).abs().mean() <= 0.05
+    assert out.dtype == torch.float32 and (out - fewstep.load(tiny_folders["sd1"])(PROMPT, **GEN)).abs().mean() <= 0.05
     folder = tmp_path / "fp16-fix"
-    shutil.copytree(tiny_folders["sdxl"], folder)
+    shutil.copytree(tiny_folders["sd1"], folder)
     cfg = folder / "vae" / "config.json"
     cfg.write_text(cfg.read_text().replace('"force_upcast": true', '"force_upcast": false'))
     vae = fewstep.load(folder, dtype=torch.float16).vae
     assert not vae.cfg.force_upcast and {p.dtype for p in vae.parameters()} == {torch.float16}
-    sd1 = fewstep.load(tiny_folders["sd1"], dtype=torch.float16)
-    assert sd1.vae.cfg.force_upcast and {p.dtype for p in sd1.vae.parameters()} == {torch.float16}
-    out = sd1(PROMPT, **GEN)  # the fp16 VAE, no fallback
-    assert (out - fewstep.load(tiny_folders["sd1"])(PROMPT, **GEN)).abs().mean() <= 0.05
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_fp16_single_file_vae_dtype(tiny_folders, tmp_path, family):
+def test_fp16_single_file_keeps_vae_in_fp32(tiny_folders, tmp_path):
     from ldm import save_original
-    path = tmp_path / f"{family}.safetensors"
-    save_original(tiny_folders[family], path, family)
-    pipe = fewstep.load(path, config=tiny_folders[family], dtype=torch.float16)
-    want = torch.float32 if family == "sdxl" else torch.float16
-    assert pipe.unet.conv_in.weight.dtype == torch.float16 and pipe.vae.decoder.conv_in.weight.dtype == want
+    path = tmp_path / "sd1.safetensors"
+    save_original(tiny_folders["sd1"], path, "sd1")
+    pipe = fewstep.load(path, config=tiny_folders["sd1"], dtype=torch.float16)
+    assert pipe.unet.conv_in.weight.dtype == torch.float16 and pipe.vae.decoder.conv_in.weight.dtype == torch.float32
+
+
+def test_vae_dtype_rules():
+    """fp16: a force_upcast VAE stays fp32 on a CPU (no fast fp16 convolutions) and for SDXL (as diffusers),
+    and is fp16 for SD 1.x/2.x on a GPU (as diffusers' SD pipeline); a VAE without the flag follows."""
+    from fewstep.configs import VAEConfig
+    from fewstep.pipeline import vae_dtype
+    upcast, plain, f16, f32 = VAEConfig(force_upcast=True), VAEConfig(force_upcast=False), torch.float16, torch.float32
+    assert vae_dtype(upcast, f16, "cuda") == f16 and vae_dtype(upcast, f16, "cuda:1", sdxl=False) == f16
+    assert vae_dtype(upcast, f16, "cuda", sdxl=True) == f32
+    assert vae_dtype(upcast, f16, "cpu") == f32 and vae_dtype(upcast, f16, "cpu", sdxl=True) == f32
+    assert vae_dtype(plain, f16, "cpu") == f16 and vae_dtype(plain, f16, "cuda", sdxl=True) == f16
+    assert vae_dtype(upcast, torch.bfloat16, "cuda", sdxl=True) == torch.bfloat16
+    assert vae_dtype(upcast, f32, "cuda") == f32
 
 
 def test_nan_in_fp32_decode_is_an_error(tiny_folders):
