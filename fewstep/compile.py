@@ -36,11 +36,11 @@ from torch import nn
 from .errors import FewstepError
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# The modes that capture CUDA graphs (on a GPU). They compile whole modules, not regions: the blocks of a
-# regional compile share one compiled function, and CUDA-graph trees give each call's outputs the buffers
-# of the next call of that function, so block 2's run overwrites block 1's output while block 2 still
-# reads it ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run", seen on
-# an H200 in a CLIP encoder layer's residual add, docs/BENCHMARKS.md "GPU").
+# The modes that capture CUDA graphs (on a GPU). They compile whole modules, not regions: with regional
+# compilation (blocks sharing one compiled function, each call a graph replay) the first H200 run failed
+# in a CLIP encoder layer's residual add with "accessing tensor output of CUDAGraphs that has been
+# overwritten by a subsequent run": a block's output was still in use when a later replay reused its
+# memory (docs/BENCHMARKS.md "GPU").
 GRAPH_MODES = ("reduce-overhead", "max-autotune")
 MEGA_CACHE = "mega-cache"  # a folder of save_cache_artifacts() files
 # Distinct (shape, attribute) variants of one block type: SD 1.x at 512 px with CFG has ~20 resnet
@@ -155,8 +155,7 @@ def compile_pipeline(pipe, *, mode: str | None = None, regional: bool | None = N
     or, with False, the whole UNet as one graph; default: regional, except in the CUDA-graph modes
     (GRAPH_MODES), which compile each module whole (UNet, text encoders, each autoencoder's encoder
     and decoder) through `compile_graphed` and cannot be regional. cache_dir: where compiled kernels
-    persist between
-    processes (default ~/.cache/fewstep/compile, or TORCHINDUCTOR_CACHE_DIR). dynamic=False compiles
+    persist between processes (default ~/.cache/fewstep/compile, or TORCHINDUCTOR_CACHE_DIR). dynamic=False compiles
     one static graph per distinct block shape (identical blocks share it; a new image size compiles
     again); True or None (torch's automatic) trade some kernel speed for fewer recompiles.
     backend: "inductor" generates kernels (a C++ compiler on CPU, Triton on GPU); "aot_eager" only

@@ -139,8 +139,9 @@ def load(path: str | Path | None = None, *, device: str | torch.device = "cpu", 
     overrides the scheduler's (e.g. "v_prediction" for SD 2.x 768-v single files).
 
     dtype applies to the UNet and text encoders; an fp16 pipeline keeps a `force_upcast` VAE in fp32 on
-    a CPU, and on a GPU for SDXL only, as diffusers does (`pipeline.vae_dtype`). channels_last, fuse_qkv, decoder ("tiny", "full" or a TAESD folder) and
-    token_downsample (ToDo's factor, e.g. 2) are the speed options of `fewstep.accel.optimize`."""
+    a CPU, and on a GPU for SDXL only, as diffusers does (`pipeline.vae_dtype`). channels_last,
+    fuse_qkv, decoder ("tiny", "full" or a TAESD folder) and token_downsample (ToDo's factor, e.g. 2)
+    are the speed options of `fewstep.accel.optimize`."""
     from .accel import optimize
     root = resolve(path, variant)
     if root.is_file():
