@@ -35,7 +35,8 @@ row() {  # row NAME ARGS...: one `fewstep bench` under the time limit
 
 for r in $ROWS; do
   case $r in
-    # (g1) both stacks fp16, full VAE (both upcast it to fp32 where the config says force_upcast), eager
+    # (g1) both stacks fp16, full VAE, eager (on a GPU both decode SD 1.x/2.x VAEs in fp16 since 8fb9521; the
+    # 2026-12-04 rows predate it: fewstep decoded in fp32 there)
     g1) row g1 --random-weights sd-turbo "${common[@]}" --compare diffusers ;;
     # (g2) both with the tiny decoder (TAESD; diffusers' AutoencoderTiny)
     g2) row g2 --random-weights sd-turbo "${common[@]}" --decoder "$data/taesd" --compare diffusers ;;
