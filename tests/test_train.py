@@ -464,3 +464,104 @@ def test_shipped_sizes_fit_the_budgets(tmp_path):
     n = {name: count(m) for name, m in (("unet", unet), ("vae", vae), ("text", text))}
     assert n["unet"] <= 5.0e6 and n["text"] <= 1.5e6 and n["vae"] <= 1.5e6, n
     assert 2 * 2 * sum(n.values()) <= 40e6, n
+
+
+def test_training_device_choice(monkeypatch):
+    """Training goes to the GPU when there is one, unless the CPU is asked for (ACCELERATE_USE_CPU, which
+    `fewstep train --cpu` sets, as `accelerate launch --cpu` does); without a GPU it is a CPU run, said
+    explicitly so that several processes train over gloo. The Accelerator is told so."""
+    import accelerate
+
+    from fewstep.train import common
+    from fewstep.train.cli import main
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert common.on_cpu() is False
+    seen = []
+
+    class Fake:
+        num_processes = 1
+
+        def __init__(self, cpu=False):
+            seen.append(cpu)
+
+    monkeypatch.setattr(accelerate, "Accelerator", Fake)
+    common.make_accelerator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert common.on_cpu() is True
+    common.make_accelerator()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert main(["clip", "--out", "/nonexistent/run", "--cpu"]) == 2  # fails on its missing input, after --cpu
+    assert os.environ["ACCELERATE_USE_CPU"] == "true" and common.on_cpu() is True
+    common.make_accelerator()
+    assert seen == [False, True, True]
+
+
+def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
+    """Every tensor a training step makes (timesteps, noise, the schedule, the empty caption, the frozen
+    teacher) goes to the device of the batch and models: run on the meta device, any tensor left on the CPU
+    would make the step fail. Draws are made on the CPU from the step's generator, so they are the same
+    numbers on any device; `to_device` moves a batch's tensors and leaves its seeds and captions."""
+    from fewstep.loading import load_text_encoder, load_unet
+    from fewstep.train.common import to_device
+    from fewstep.train.distill import ADD, Discriminator, feature_channels, feature_side
+    from fewstep.train.teacher import Conditioned, denoising_loss, diffuse  # noqa: F401
+    from fewstep.schedules import alphas_cumprod
+    from fewstep.train.export import TRAIN_SCHEDULE
+    import torch.fx.experimental._config as fx_config
+    monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)  # boolean indexing on meta tensors
+    meta = torch.device("meta")
+    batch = to_device({"latents": torch.randn(4, 4, 8, 8), "hidden": torch.randn(4, 32, 32), "seed": 5,
+                       "captions": ["a red circle"] * 4, "swap_index": torch.tensor([1, 2]),
+                       "swap_hidden": torch.randn(2, 32, 32), "context": torch.randn(4, 32, 32),
+                       "pooled": torch.randn(4, 32)}, meta)
+    assert batch["latents"].device == meta and batch["seed"] == 5 and batch["captions"][0] == "a red circle"
+    teacher = load_unet(run[0] / "swap" / "unet")
+    joint = Conditioned(copy_of(teacher), load_text_encoder(run[0] / "swap" / "text_encoder"), 1).to(meta)
+    with OneDevice() as check:
+        loss, mse, contrast = denoising_loss(joint, batch, alphas_cumprod(TRAIN_SCHEDULE), 0.1, swap=1.0)
+    assert loss.device == meta and contrast.device == meta and check.mixed == []
+
+    class Accel:  # what ADD needs of a Stage's Accelerator, on the meta device
+        device = meta
+
+        def prepare(self, *objects):
+            return [o.to(meta) if isinstance(o, torch.nn.Module) else o for o in objects]
+
+        def unwrap_model(self, model):
+            return model
+
+    class FakeStage:
+        hyper, accel = type("H", (), {"lr": 1e-4})(), Accel()
+
+        def track(self, *objects):
+            pass
+
+    disc = Discriminator(feature_channels(teacher), 32, feature_side(teacher))
+    add = ADD(FakeStage(), teacher, copy_of(teacher), disc, torch.zeros(1, 32, 32), 1e-4)
+    x0_hat = torch.randn(4, 4, 8, 8, device=meta, requires_grad=True)
+    with OneDevice() as check:
+        adv, distill, (fake, real) = add.generator_losses(x0_hat, batch, torch.Generator().manual_seed(0))
+    assert adv.device == distill.device == real[0].device == meta and check.mixed == []
+    assert add.teacher.conv_in.weight.device == meta and add.ac.device == meta and add.empty.device == meta
+
+
+class OneDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each operator that gets tensors (not scalars) on more than one device: meta tensors accept
+    CPU ones in many operators, where a GPU tensor would raise."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixed = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        flat = torch.utils._pytree.tree_flatten((args, kwargs or {}))[0]
+        devices = {a.device.type for a in flat if isinstance(a, torch.Tensor) and a.dim() > 0}
+        if len(devices) > 1:
+            self.mixed.append(f"{func}: {sorted(devices)}")
+        return func(*args, **(kwargs or {}))
+
+
+def copy_of(module):
+    import copy
+    return copy.deepcopy(module)

@@ -2,10 +2,12 @@
 
     fewstep train all --out runs/shapes                 # the whole recipe (2.3-3 h on 2 CPU cores)
     fewstep train teacher --out runs/shapes --resume    # one stage, continued from its checkpoint
-    accelerate launch --multi_gpu --num_processes 2 -m fewstep.train.cli vae --out runs/shapes  # 2 CPU processes
+    accelerate launch --multi_gpu --num_processes 2 -m fewstep.train.cli vae --out runs/shapes  # 2 GPUs
 
-(`accelerate launch --cpu` starts one process whatever --num_processes says; `--multi_gpu` on a
-machine without GPUs starts N CPU processes through torchrun, which train data-parallel over gloo.)
+Training runs on the GPU when there is one (`--cpu`: on the CPU anyway), one GPU per process under
+`accelerate launch --multi_gpu`. (`accelerate launch --cpu` starts one process whatever --num_processes
+says; `--multi_gpu` on a machine without GPUs starts N CPU processes through torchrun, which train
+data-parallel over gloo.)
 
 `fewstep.cli` wires `add_train_parser` / `cmd_train` in as the `train` subcommand; this module also
 runs on its own (`python -m fewstep.train.cli`), which is what `accelerate launch` needs.
@@ -34,6 +36,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-at", type=int, default=None, help="end after this step, checkpointed (continue "
                    "later with --resume): to train a stage in time slices")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (all: skip finished stages)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even where there is a GPU (default: "
+                   "the GPU when there is one, one per process under accelerate launch)")
     p.add_argument("--tiny", action="store_true", help="tiny models and a few steps: a smoke test in seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-layers", type=int, default=None,
@@ -67,6 +71,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_train(a: argparse.Namespace) -> None:
     from ..errors import FewstepError
     from .recipe import ONE_PROCESS, run_all, run_stage
+    if a.cpu:  # accelerate's own switch (`accelerate launch --cpu` sets it too), read by common.on_cpu
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
                                        a.two_objects, a.caption_drop, a.swap)):

@@ -149,6 +149,7 @@ def train_clip(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) -
     if done and stage.main:
         final = stage.accel.unwrap_model(model)
         final.load_state_dict(ema.shadow)
+        final = final.cpu()  # the retrieval check renders on the CPU
         save_clip(out / "clip", final, sizes)
         retrieval = retrieval_accuracy(final, tokenizer, sizes)
         print(f"clip: retrieval accuracy on 256 fresh scenes {retrieval:.3f}", flush=True)

@@ -4,9 +4,12 @@ weight init and files (the loop, checkpoints and logs are in loop.py).
 Determinism is by construction rather than by saved RNG state: the data of step i on process r is
 rendered from a seed made of (run seed, stage, i, r), and every random draw of a step comes from a
 generator seeded the same way, so a run resumed from a checkpoint replays the steps a straight run
-would have taken. One CPU process by default; `accelerate launch --multi_gpu --num_processes N`
-(torchrun underneath; on a machine without GPUs the processes use the CPU and gloo) runs the same
-code data-parallel, each process drawing its own share of the global batch.
+would have taken. One process by default, on the GPU when there is one (else the CPU; `--cpu`, or `accelerate launch
+--cpu`, keeps it on the CPU); `accelerate launch --multi_gpu --num_processes N` (torchrun underneath; on
+a machine without GPUs the processes use the CPU and gloo) runs the same code data-parallel, one GPU per
+process, each drawing its own share of the global batch. Rendering, the frozen encoders of the data
+stream and every random draw stay on the CPU (its generators), and each batch moves to the process's
+device: the same seeds give the same data and draws on any device.
 """
 
 from __future__ import annotations
@@ -48,14 +51,28 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def on_cpu() -> bool:
+    """Whether training runs on the CPU: asked for (accelerate's ACCELERATE_USE_CPU, which `fewstep train --cpu`
+    and `accelerate launch --cpu` set) or no GPU. Told explicitly, not left to accelerate: several processes
+    without a GPU must still know they are CPU processes, or they would each train alone instead of over gloo."""
+    from accelerate.utils import parse_flag_from_env
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
+
+
 def make_accelerator(workers: int = 0):
-    """The Accelerator, always on the CPU (the recipe is sized for one), with torch threads split
-    between the processes and their data workers: oversubscribed OpenMP threads spin, and run
+    """The Accelerator: a GPU per process where there are GPUs, unless the CPU is asked for (`fewstep
+    train --cpu` or `accelerate launch --cpu`, both by accelerate's ACCELERATE_USE_CPU), with torch threads
+    split between the processes and their data workers: oversubscribed OpenMP threads spin, and run
     several times slower than the same work on fewer threads."""
     from accelerate import Accelerator
-    accel = Accelerator(cpu=True)
+    accel = Accelerator(cpu=on_cpu())
     torch.set_num_threads(max(1, cpu_count() // accel.num_processes - workers))
     return accel
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device` (the rest, such as seeds and captions, as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class Stream(torch.utils.data.IterableDataset):

@@ -144,15 +144,21 @@ class ADD:
 
     def __init__(self, stage: Stage, teacher: nn.Module, student: nn.Module, disc: nn.Module, empty: torch.Tensor,
                  disc_lr: float):
-        self.stage, self.teacher, self.empty, self.disc_lr = stage, teacher, empty, disc_lr  # empty: "" [1, L, D]
-        self.ac = alphas_cumprod(TRAIN_SCHEDULE)
         h, accel = stage.hyper, stage.accel
+        self.device = accel.device
+        self.stage, self.teacher, self.disc_lr = stage, teacher.to(self.device), disc_lr
+        self.empty = empty.to(self.device)  # "" [1, L, D]
+        self.ac = alphas_cumprod(TRAIN_SCHEDULE).to(self.device)
         opt = torch.optim.AdamW(student.parameters(), lr=h.lr, betas=(0.0, 0.99), weight_decay=0.0)
         d_opt = torch.optim.AdamW(disc.parameters(), lr=disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
         self.model, self.disc, self.opt, self.d_opt = accel.prepare(student, disc, opt, d_opt)
         self.inner_disc = accel.unwrap_model(self.disc)
         self.ema = EMA(accel.unwrap_model(self.model), 0.995)
         stage.track(self.ema)
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        """A random draw (made on the CPU, from the step's generator: the same on any device) on the device."""
+        return x.to(self.device)
 
     @torch.no_grad()
     def target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -176,15 +182,15 @@ class ADD:
     def generator_losses(self, x0_hat: torch.Tensor, b: dict, g: torch.Generator) -> tuple:
         """(adversarial, distillation, [fake features detached, real features])."""
         n = len(x0_hat)
-        t = torch.randint(0, len(self.ac), (n,), generator=g)
-        target = self.target(x0_hat.detach(), t, torch.randn(x0_hat.shape, generator=g), b["context"])
+        t = self.draw(torch.randint(0, len(self.ac), (n,), generator=g))
+        target = self.target(x0_hat.detach(), t, self.draw(torch.randn(x0_hat.shape, generator=g)), b["context"])
         distill = (self.ac[t].sqrt() * (x0_hat - target).pow(2).mean(dim=(1, 2, 3))).mean()
-        td = torch.randint(0, DISC_MAX_T, (n,), generator=g)
-        fake_in = diffuse(x0_hat, torch.randn(x0_hat.shape, generator=g), td, self.ac)
+        td = self.draw(torch.randint(0, DISC_MAX_T, (n,), generator=g))
+        fake_in = diffuse(x0_hat, self.draw(torch.randn(x0_hat.shape, generator=g)), td, self.ac)
         fake = encoder_features(self.teacher, fake_in, td, b["context"])
         adv = -head_mean(self.inner_disc(fake, b["pooled"]))  # the unwrapped D: one DDP forward per step
         with torch.no_grad():
-            real_in = diffuse(b["latents"], torch.randn(x0_hat.shape, generator=g), td, self.ac)
+            real_in = diffuse(b["latents"], self.draw(torch.randn(x0_hat.shape, generator=g)), td, self.ac)
             real = encoder_features(self.teacher, real_in, td, b["context"])
         return adv, distill, [[f.detach() for f in fake], real]
 
@@ -201,12 +207,12 @@ class ADD:
         set_lr(self.d_opt, warmup_lr(step, self.disc_lr, h.warmup, h.steps, decay=False))
         g = generator(b["seed"] + 1)
         n = len(b["latents"])
-        s = student_timesteps(n, g)
+        s = self.draw(student_timesteps(n, g))
         real = b["latents"] * (s != STUDENT_TIMESTEPS[0]).view(-1, 1, 1, 1)  # pure noise at t = 999
-        xs = diffuse(real, torch.randn(real.shape, generator=g), s, self.ac)
+        xs = diffuse(real, self.draw(torch.randn(real.shape, generator=g)), s, self.ac)
         context = b["context"]
         if "pool_z" in b:  # the regression pool's noise, as the 1-step sampler feeds it, in the same forward
-            top = torch.full((len(b["pool_z"]),), STUDENT_TIMESTEPS[0])
+            top = torch.full((len(b["pool_z"]),), STUDENT_TIMESTEPS[0], device=self.device)
             noise_only = diffuse(torch.zeros_like(b["pool_z"]), b["pool_z"], top, self.ac)
             xs, s = torch.cat([xs, noise_only]), torch.cat([s, top])
             context = torch.cat([context, b["pool_context"]])

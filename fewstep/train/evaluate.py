@@ -71,8 +71,8 @@ def preview(unet: torch.nn.Module, data, scheduler: dict, steps: int, guidance: 
     frozen text encoder, and the tokenizer and VAE from `data`, a teacher.LatentData)."""
     from ..shapes.caption import sample_prompts
     from ..shapes.render import contact_sheet
-    text = (data.text if text is None else text).eval()
-    pipe = Pipeline(unet=unet.eval(), vae=data.vae, text_encoders=[text], tokenizers=[data.tokenizer],
+    unet, text = unet.cpu().eval(), (data.text if text is None else text).cpu().eval()  # copies: the VAE is there
+    pipe = Pipeline(unet=unet, vae=data.vae, text_encoders=[text], tokenizers=[data.tokenizer],
                     scheduler=SchedulerConfig.from_diffusers(scheduler),
                     defaults=Defaults(steps=steps, guidance=guidance))
     prompts = sample_prompts(0, n)

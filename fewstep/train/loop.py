@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .common import Counter, cpu_count, make_accelerator
+from .common import Counter, cpu_count, make_accelerator, to_device
 
 
 @dataclass
@@ -157,7 +157,7 @@ class Stage:
         c = self.counter
         t0 = time.perf_counter() - c.seconds  # the log's time column counts the whole stage, resumes included
         for step, batch in zip(range(start, stop), data):
-            losses = step_fn(step, batch)
+            losses = step_fn(step, to_device(batch, self.accel.device))
             for k, v in losses.items():
                 c.sums[k] = c.sums.get(k, 0.0) + float(v)
             c.n += 1

@@ -71,7 +71,9 @@ def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: 
     report = {}
     if stage in ONE_PROCESS:  # one process's work, also under `accelerate launch`
         from accelerate import PartialState
-        state = PartialState(cpu=True)
+
+        from .common import on_cpu
+        state = PartialState(cpu=on_cpu())
         if state.is_main_process and stage == "tokenizer":
             from .tokenizer import train_tokenizer
             report["vocab"] = len(train_tokenizer(out / "tokenizer", seed=seed, n=2000 if tiny else 20000,

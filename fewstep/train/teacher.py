@@ -200,8 +200,9 @@ def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0,
     g = generator(b["seed"] + 1)
     x0 = b["latents"]
     n = len(x0)
-    t = torch.randint(0, len(ac), (n,), generator=g)
-    noise = training_noise(x0.shape, g, offset)
+    t = torch.randint(0, len(ac), (n,), generator=g).to(x0.device)  # drawn on the CPU: the same on any device
+    noise = training_noise(x0.shape, g, offset).to(x0.device)
+    ac = ac.to(x0.device)
     x_t, hidden, target = diffuse(x0, noise, t, ac), b["hidden"], noise
     rows = None
     if swap and "swap_index" in b:
@@ -213,7 +214,7 @@ def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0,
     per_sample = F.mse_loss(model(x_t, t, hidden), target, reduction="none").mean((1, 2, 3))
     weight = min_snr_weight(t, ac)
     loss = (per_sample[:n] * weight[:n]).mean()
-    contrast = torch.zeros(())
+    contrast = torch.zeros((), device=x0.device)
     if rows is not None and len(rows):
         true, twin = per_sample[rows], per_sample[n:]
         contrast = (F.relu(true - twin + SWAP_MARGIN * true.detach()) * weight[n:]).sum() / n

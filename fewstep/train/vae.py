@@ -84,7 +84,7 @@ def train_vae(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) ->
         print(f"vae: {count(vae) / 1e6:.2f}M parameters (decoder {count(vae.decoder) / 1e6:.2f}M)", flush=True)
     done = stage.run(batches(make, start, hyper.steps, hyper.workers), step_fn)
     if done and stage.main:
-        vae = stage.accel.unwrap_model(model).vae.eval()
+        vae = stage.accel.unwrap_model(model).vae.eval().cpu()  # the closing checks render on the CPU
         scale = latent_scale(vae, sizes, seed)
         vae.cfg = replace(vae.cfg, scaling_factor=scale)
         save_vae(out / "vae", vae, sizes.image)
