@@ -7,6 +7,8 @@
 #
 #     bash bench/gpu.sh OUTDIR        (env: DEVICE=cuda RES=512 RUNS=10 WARMUP=3 ROW_LIMIT=150 ROWS="g1 g2 ...")
 #
+# Rows t1 and t2 (not in the default ROWS) train the shapes recipe on the GPU instead: ROWS="t1 t2".
+#
 # Needs diffusers (the comparison) and the real configs: FEWSTEP_SHARED_DATA=DIR holding configs/<arch>/
 # and taesd/ (default ../shared/data). Writes OUTDIR/<row>.json and OUTDIR/gpu.log.
 set -uo pipefail
@@ -33,6 +35,21 @@ row() {  # row NAME ARGS...: one `fewstep bench` under the time limit
   echo "== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$log"
 }
 
+train_row() {  # train_row NAME ARGS...: `fewstep train all` under the time limit, then each stage's s/step
+  local name=$1; shift
+  echo "== $name: fewstep train all $*" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$ROW_LIMIT" $py -m fewstep.cli train all --out "$out/$name" --eval 0 "$@" 2>&1 | tail -n 40 | tee -a "$log"
+  echo "== $name: rc ${PIPESTATUS[0]}, $((SECONDS - t0)) s" | tee -a "$log"
+  $py - "$out/$name" <<'PY' 2>&1 | tee -a "$log"
+import json, sys
+from pathlib import Path
+for log in sorted(Path(sys.argv[1], "logs").glob("*.jsonl")):
+    last = json.loads(log.read_text().splitlines()[-1])
+    print(f"{log.stem}: {last['step']} steps in {last['time']} s = {last['time'] / last['step']:.4f} s/step")
+PY
+}
+
 for r in $ROWS; do
   case $r in
     # (g1) both stacks fp16, full VAE, eager (on a GPU both decode SD 1.x/2.x VAEs in fp16 since 8fb9521; the
@@ -52,6 +69,11 @@ for r in $ROWS; do
     # (g7) the same with CUDA graphs
     g7) row g7 --random-weights sd-turbo "${common[@]}" --channels-last --fuse-qkv --compile \
           --compile-mode reduce-overhead ;;
+    # (t1) the training recipe on the GPU, tiny sizes: every stage's GPU path runs (seconds)
+    t1) train_row t1 --tiny ;;
+    # (t2) the real sizes for 2% of each stage's steps: seconds per step of each stage on the GPU, from which the
+    # whole recipe's GPU time is estimated (the pool and the closing checks run on the CPU)
+    t2) train_row t2 --scale 0.02 ;;
     *) echo "unknown row $r" | tee -a "$log" ;;
   esac
 done
