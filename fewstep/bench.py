@@ -380,4 +380,20 @@ def notes(settings: Settings, options: Options) -> list[str]:
     out += ["diffusers: torch.compile of the whole UNet and VAE decoder"] if settings.compile else []
     out += ["diffusers: full self-attention (no token downsampling built in)"] if settings.token_downsample > 1 else []
     out += ["diffusers: its process's allocator as it comes (--keep-memory is fewstep's)"] if settings.keep_memory else []
+    out += vae_note(settings)
     return out
+
+
+def vae_note(settings: Settings) -> list[str]:
+    """Where the two VAEs run in different dtypes (`pipeline.vae_dtype`): on a CPU fewstep keeps a force_upcast
+    VAE (SD 1.x / 2.x / XL configs) in fp32 under --dtype fp16, and any full VAE in fp32 under bf16 without bf16
+    hardware; diffusers' SD pipeline decodes in the dtype it is given (its SDXL pipeline upcasts as fewstep)."""
+    if settings.decoder != "full" or settings.device.split(":")[0] != "cpu":
+        return []
+    if settings.dtype == "fp16":
+        return ["VAE: fewstep decodes a force_upcast VAE in fp32 on a CPU (no fast fp16 convolutions); diffusers' "
+                "SD pipeline decodes in fp16 (its SDXL pipeline upcasts too)"]
+    from . import pipeline  # imports torch: only here (the bench's parent process runs without it)
+    if settings.dtype == "bf16" and not pipeline.native_bf16(settings.device):
+        return ["VAE: fewstep decodes in fp32 on a CPU without bf16 hardware; diffusers in bf16"]
+    return []

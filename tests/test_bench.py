@@ -144,6 +144,21 @@ def test_notes_say_what_diffusers_does_not_do():
     assert notes(s, Options(compare="diffusers-default")) == ["diffusers: its defaults (fp32, full VAE, no options)"]
 
 
+def test_notes_say_where_the_vaes_differ_in_dtype(monkeypatch):
+    """On a CPU, --dtype fp16 leaves fewstep's force_upcast VAE in fp32 while diffusers' SD pipeline decodes in
+    fp16; bf16 without bf16 hardware leaves it fp32 too. With the tiny decoder, fp32, or a GPU: no note."""
+    import fewstep.pipeline
+    fp16 = notes(Settings(dtype="fp16"), Options(compare="diffusers"))
+    assert len(fp16) == 1 and fp16[0].startswith("VAE: fewstep decodes a force_upcast VAE in fp32")
+    for quiet in (Settings(dtype="fp16", decoder="tiny"), Settings(), Settings(dtype="fp16", device="cuda")):
+        assert notes(quiet, Options(compare="diffusers")) == []
+    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: False)
+    assert notes(Settings(dtype="bf16"), Options(compare="diffusers")) == [
+        "VAE: fewstep decodes in fp32 on a CPU without bf16 hardware; diffusers in bf16"]
+    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: True)
+    assert notes(Settings(dtype="bf16"), Options(compare="diffusers")) == []
+
+
 @pytest.mark.parametrize("args,match", [
     (["--random-weights", "sd99"], "unknown architecture 'sd99' for --random-weights: .*available: .*sd-turbo"),
     (["/nonexistent/model"], "no such file or folder: /nonexistent/model"),
