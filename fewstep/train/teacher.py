@@ -246,7 +246,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     ema = EMA(stage.accel.unwrap_model(model), 0.999)
     stage.track(ema)
     start = stage.restore(resume)
-    ac = alphas_cumprod(TRAIN_SCHEDULE)
+    ac = alphas_cumprod(TRAIN_SCHEDULE).to(stage.accel.device)
 
     def step_fn(step: int, b: dict) -> dict:
         set_lr(opt, warmup_lr(step, hyper.lr, hyper.warmup, hyper.steps))
