@@ -5,6 +5,7 @@ size budgets of the shipped model's architecture.
 Parity tolerance for exported folders (as for every pipeline): mean abs <= 1/255, max <= 4/255.
 """
 
+import copy
 import json
 import math
 import os
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import fewstep
 from fewstep.errors import FewstepError
@@ -505,9 +508,9 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
     from fewstep.loading import load_text_encoder, load_unet
     from fewstep.train.common import to_device
     from fewstep.train.distill import ADD, Discriminator, feature_channels, feature_side
-    from fewstep.train.teacher import Conditioned, denoising_loss, diffuse  # noqa: F401
     from fewstep.schedules import alphas_cumprod
     from fewstep.train.export import TRAIN_SCHEDULE
+    from fewstep.train.teacher import Conditioned, denoising_loss
     import torch.fx.experimental._config as fx_config
     monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)  # boolean indexing on meta tensors
     meta = torch.device("meta")
@@ -517,7 +520,7 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
                        "pooled": torch.randn(4, 32)}, meta)
     assert batch["latents"].device == meta and batch["seed"] == 5 and batch["captions"][0] == "a red circle"
     teacher = load_unet(run[0] / "swap" / "unet")
-    joint = Conditioned(copy_of(teacher), load_text_encoder(run[0] / "swap" / "text_encoder"), 1).to(meta)
+    joint = Conditioned(copy.deepcopy(teacher), load_text_encoder(run[0] / "swap" / "text_encoder"), 1).to(meta)
     with OneDevice() as check:
         loss, mse, contrast = denoising_loss(joint, batch, alphas_cumprod(TRAIN_SCHEDULE), 0.1, swap=1.0)
     assert loss.device == meta and contrast.device == meta and check.mixed == []
@@ -538,7 +541,7 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
             pass
 
     disc = Discriminator(feature_channels(teacher), 32, feature_side(teacher))
-    add = ADD(FakeStage(), teacher, copy_of(teacher), disc, torch.zeros(1, 32, 32), 1e-4)
+    add = ADD(FakeStage(), teacher, copy.deepcopy(teacher), disc, torch.zeros(1, 32, 32), 1e-4)
     x0_hat = torch.randn(4, 4, 8, 8, device=meta, requires_grad=True)
     with OneDevice() as check:
         adv, distill, (fake, real) = add.generator_losses(x0_hat, batch, torch.Generator().manual_seed(0))
@@ -546,7 +549,7 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
     assert add.teacher.conv_in.weight.device == meta and add.ac.device == meta and add.empty.device == meta
 
 
-class OneDevice(torch.utils._python_dispatch.TorchDispatchMode):
+class OneDevice(TorchDispatchMode):
     """Records each operator that gets tensors (not scalars) on more than one device: meta tensors accept
     CPU ones in many operators, where a GPU tensor would raise."""
 
@@ -555,13 +558,8 @@ class OneDevice(torch.utils._python_dispatch.TorchDispatchMode):
         self.mixed = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        flat = torch.utils._pytree.tree_flatten((args, kwargs or {}))[0]
+        flat = tree_flatten((args, kwargs or {}))[0]
         devices = {a.device.type for a in flat if isinstance(a, torch.Tensor) and a.dim() > 0}
         if len(devices) > 1:
             self.mixed.append(f"{func}: {sorted(devices)}")
         return func(*args, **(kwargs or {}))
-
-
-def copy_of(module):
-    import copy
-    return copy.deepcopy(module)
