@@ -522,7 +522,7 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
     teacher = load_unet(run[0] / "swap" / "unet")
     joint = Conditioned(copy.deepcopy(teacher), load_text_encoder(run[0] / "swap" / "text_encoder"), 1).to(meta)
     with OneDevice() as check:
-        loss, mse, contrast = denoising_loss(joint, batch, alphas_cumprod(TRAIN_SCHEDULE), 0.1, swap=1.0)
+        loss, mse, contrast = denoising_loss(joint, batch, alphas_cumprod(TRAIN_SCHEDULE).to(meta), 0.1, swap=1.0)
     assert loss.device == meta and contrast.device == meta and check.mixed == []
 
     class Accel:  # what ADD needs of a Stage's Accelerator, on the meta device

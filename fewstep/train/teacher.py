@@ -186,7 +186,7 @@ def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0,
                    swap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """min-SNR-weighted epsilon loss at uniform timesteps (noise with `offset`), plus `swap` times the swap
     contrast; the plain per-sample MSE and the swap contrast (for the log). `model(x_t, t, hidden)` is a
-    `Conditioned`.
+    `Conditioned`; `ac` (alphas_cumprod) is on the batch's device, moved there once by the stage.
 
     Swap contrast: for the rows with a position-swapped twin caption (b["swap_index"]) at t >= SWAP_MIN_T,
     the same x_t is denoised under the twin too, in the same forward pass, and the hinge
@@ -202,7 +202,6 @@ def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0,
     n = len(x0)
     t = torch.randint(0, len(ac), (n,), generator=g).to(x0.device)  # drawn on the CPU: the same on any device
     noise = training_noise(x0.shape, g, offset).to(x0.device)
-    ac = ac.to(x0.device)
     x_t, hidden, target = diffuse(x0, noise, t, ac), b["hidden"], noise
     rows = None
     if swap and "swap_index" in b:
