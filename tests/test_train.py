@@ -369,6 +369,13 @@ def test_cli_parses_and_rejects():
     for extra in (["--init", "runs/a/teacher"], ["--offset-noise", "0.1"], ["--swap", "1"]):
         with pytest.raises(FewstepError, match="options of the teacher, refine, pairs and swap stages"):
             cmd_train(parser.parse_args(["train", "student", "--out", "x", *extra]))
+    assert parser.parse_args(["train", "student", "--out", "x", "--backward-sim", "0.5"]).backward == 0.5
+    with pytest.raises(FewstepError, match="--backward-sim is an option of the student stage"):
+        cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--backward-sim", "1"]))
+    with pytest.raises(FewstepError, match="--backward-sim is a probability between 0 and 1, not 2.0"):
+        cmd_train(parser.parse_args(["train", "student", "--out", "x", "--backward-sim", "2"]))
+    with pytest.raises(FewstepError, match="--scale"):
+        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--backward-sim", "1"]))
     with pytest.raises(FewstepError, match="--swap is a weight, 0 or more, not -1.0"):
         cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--swap", "-1"]))
     with pytest.raises(FewstepError, match="--scale"):
@@ -406,6 +413,62 @@ def test_pool_and_the_student_regression(run):
     assert not torch.equal(rows, pool.rows(0, "student", 4, 0))
     logged = [json.loads(line) for line in (out / "logs" / "student.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["regression"]) and r["regression"] > 0 for r in logged)
+
+
+def test_own_inputs_are_the_students_own_chain(run):
+    """Backward simulation (Hyper.backward): a row at s gets the 4-step chain the sampler would run, unrolled here
+    by hand from the same draws: x0 at pure noise (t = 999), re-noised to 749, x0 there, ..., down to s."""
+    from fewstep.loading import load_unet
+    from fewstep.schedules import alphas_cumprod
+    from fewstep.train.distill import ADD, STUDENT_TIMESTEPS, Discriminator, feature_channels, feature_side, to_x0
+    from fewstep.train.export import STUDENT_PREDICTION, TRAIN_SCHEDULE
+    from fewstep.train.teacher import diffuse
+    student = load_unet(run[0] / "student" / "unet").eval()
+
+    class Accel:
+        device = torch.device("cpu")
+
+        def prepare(self, *objects):
+            return list(objects)
+
+        def unwrap_model(self, model):
+            return model
+
+    class FakeStage:
+        hyper, accel = type("H", (), {"lr": 1e-4})(), Accel()
+
+        def track(self, *objects):
+            pass
+
+    disc = Discriminator(feature_channels(student), 32, feature_side(student))
+    add = ADD(FakeStage(), student, student, disc, torch.zeros(1, 32, 32), 1e-4)
+    shape, context = (4, 8, 8), torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3))
+    s = torch.tensor([749, 249, 499])
+    got = add.own_inputs(s, context, torch.Generator().manual_seed(7), shape)
+    g, ac = torch.Generator().manual_seed(7), alphas_cumprod(TRAIN_SCHEDULE)
+    x = torch.randn((3, *shape), generator=g)
+    want = torch.empty_like(x)
+    with torch.no_grad():
+        for t, nxt in zip(STUDENT_TIMESTEPS, STUDENT_TIMESTEPS[1:]):
+            tt = torch.full((3,), t)
+            x = diffuse(to_x0(x, student(x, tt, context), tt, ac, STUDENT_PREDICTION), torch.randn(x.shape, generator=g),
+                        torch.full((3,), nxt), ac)
+            want[s == nxt] = x[s == nxt]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got[0], got[1])
+
+
+def test_student_stage_with_backward_simulation(run, tmp_path):
+    """--backward-sim 1: the tiny student stage trains and its weights differ from the recipe's run, whose
+    draws it otherwise shares (its multi-step rows got the student's own chain as input)."""
+    from safetensors.torch import load_file
+    from fewstep.train.recipe import run_stage
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy, ignore=shutil.ignore_patterns("checkpoints", "logs", "student"))
+    run_stage("student", copy, tiny=True, backward=1.0)
+    name = "student/unet/diffusion_pytorch_model.safetensors"
+    new, old = load_file(copy / name), load_file(run[0] / name)
+    assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)
 
 
 def test_student_without_its_pool_names_the_stage(run, tmp_path):

@@ -57,6 +57,9 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="teacher, refine, pairs, swap: weight of the swap contrast, which asks the denoising error "
                    "under a caption with the two objects' positions exchanged to exceed the true caption's (default 0; "
                    "swap: 1)")
+    p.add_argument("--backward-sim", type=float, default=None, metavar="P", dest="backward",
+                   help="student: share of the multi-step rows (t < 999) fed the student's own sampling chain instead "
+                   "of a noised real latent (DMD2's backward simulation; default 0)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
@@ -75,9 +78,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
-                                       a.two_objects, a.caption_drop, a.swap)):
+                                       a.two_objects, a.caption_drop, a.swap, a.backward)):
             raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init/--two-objects/"
-                               "--caption-drop/--swap apply to one stage; with 'all' use --scale")
+                               "--caption-drop/--swap/--backward-sim apply to one stage; with 'all' use --scale")
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
@@ -93,6 +96,11 @@ def cmd_train(a: argparse.Namespace) -> None:
                                "pairs and swap stages")
         if a.swap is not None and a.swap < 0:
             raise FewstepError(f"--swap is a weight, 0 or more, not {a.swap}")
+        if a.backward is not None and a.stage != "student":
+            raise FewstepError("--backward-sim is an option of the student stage")
+        if a.backward is not None and not 0 <= a.backward <= 1:
+            raise FewstepError(f"--backward-sim is a probability between 0 and 1, not {a.backward}")
+        over["backward"] = a.backward
         over.update(teacher_only)
         if a.stage in ONE_PROCESS:
             over = {}

@@ -20,6 +20,10 @@ holds 7% of the data, which a student could learn to lean on. From its one-step 
   of a teacher sample the evaluator read right (pool.py), whose one-step x0 is pulled onto that sample
   by squared error, weighted as one row's distillation (DMD's regression loss, Yin et al. 2024): the
   student learns where the teacher puts each object for a given noise, which neither loss above says.
+* backward simulation (with Hyper.backward, off in the recipe so far): a row drawn at s < 999 gets, with
+  that probability, not a noised real latent as its input but what the 4-step sampler would give it, the
+  student's own chain from pure noise down to s (DMD2's backward simulation, Yin et al. 2024, "Improved
+  Distribution Matching Distillation", section 4.5), so it learns to correct its own earlier steps.
 
 The student predicts v, not epsilon, though it starts as a copy of the epsilon teacher (Salimans & Ho
 2022, "Progressive Distillation", section 4: few-step students need a parameterization whose x0 stays
@@ -169,6 +173,22 @@ class ADD:
                                     torch.cat([self.empty.expand_as(context), context])).chunk(2)
         return to_x0(xt, uncond + GUIDANCE * (cond - uncond), t, self.ac, "epsilon").clamp(-5, 5)
 
+    @torch.no_grad()
+    def own_inputs(self, s: torch.Tensor, context: torch.Tensor, g: torch.Generator, shape: tuple) -> torch.Tensor:
+        """The student's input at each row's s < 999 as the 4-step sampler makes it: its x0 from pure noise at
+        999, re-noised to the next trailing timestep, its x0 there, and so on down to s (no gradient)."""
+        model, n = self.stage.accel.unwrap_model(self.model), len(s)
+        x = self.draw(torch.randn((n, *shape), generator=g))
+        t = torch.full((n,), STUDENT_TIMESTEPS[0], device=self.device)
+        for nxt in STUDENT_TIMESTEPS[1:]:
+            go = s <= nxt  # rows whose chain goes on to nxt
+            if not go.any():
+                break
+            x0 = to_x0(x, model(x, t, context), t, self.ac, STUDENT_PREDICTION)
+            step = diffuse(x0, self.draw(torch.randn(x.shape, generator=g)), torch.full_like(t, nxt), self.ac)
+            x, t = torch.where(go.view(-1, 1, 1, 1), step, x), torch.where(go, torch.full_like(t, nxt), t)
+        return x
+
     def generator_grad(self, x0_hat: torch.Tensor, b: dict, g: torch.Generator) -> tuple[torch.Tensor, dict, list]:
         """The gradient at x0_hat (a leaf) of lambda * distillation + w * adversarial, w the adaptive
         weight; also the (detached) fake and real features for the discriminator step."""
@@ -211,6 +231,13 @@ class ADD:
         s = self.draw(student_timesteps(n, g))
         real = b["latents"] * (s != STUDENT_TIMESTEPS[0]).view(-1, 1, 1, 1)  # pure noise at t = 999
         xs = diffuse(real, self.draw(torch.randn(real.shape, generator=g)), s, self.ac)
+        if h.backward > 0:  # its own draws, so the step's other draws stay those of a run without it
+            g_own = generator(b["seed"] + 2)
+            own = (s != STUDENT_TIMESTEPS[0]) & self.draw(torch.rand((n,), generator=g_own) < h.backward)
+            if own.any():
+                idx = own.nonzero().flatten()
+                xs = xs.clone()
+                xs[idx] = self.own_inputs(s[idx], b["context"][idx], g_own, tuple(xs.shape[1:]))
         context = b["context"]
         if "pool_z" in b:  # the regression pool's noise, as the 1-step sampler feeds it, in the same forward
             top = torch.full((len(b["pool_z"]),), STUDENT_TIMESTEPS[0], device=self.device)

@@ -41,6 +41,7 @@ class Hyper:
     caption_drop: float = 0.3  # teacher stages, student: probability each optional caption part is left out
     swap: float = 0.0  # teacher stages: weight of the swap contrast (teacher.denoising_loss; 0: off)
     pool: bool = False  # student: regress one-step samples onto the teacher's pool (train/pool.py)
+    backward: float = 0.0  # student: share of multi-step rows fed the student's own sampling chain (0: off)
 
 
 class LossLog:
