@@ -420,28 +420,11 @@ def test_own_inputs_are_the_students_own_chain(run):
     by hand from the same draws: x0 at pure noise (t = 999), re-noised to 749, x0 there, ..., down to s."""
     from fewstep.loading import load_unet
     from fewstep.schedules import alphas_cumprod
-    from fewstep.train.distill import ADD, STUDENT_TIMESTEPS, Discriminator, feature_channels, feature_side, to_x0
+    from fewstep.train.distill import STUDENT_TIMESTEPS, to_x0
     from fewstep.train.export import STUDENT_PREDICTION, TRAIN_SCHEDULE
     from fewstep.train.teacher import diffuse
     student = load_unet(run[0] / "student" / "unet").eval()
-
-    class Accel:
-        device = torch.device("cpu")
-
-        def prepare(self, *objects):
-            return list(objects)
-
-        def unwrap_model(self, model):
-            return model
-
-    class FakeStage:
-        hyper, accel = type("H", (), {"lr": 1e-4})(), Accel()
-
-        def track(self, *objects):
-            pass
-
-    disc = Discriminator(feature_channels(student), 32, feature_side(student))
-    add = ADD(FakeStage(), student, student, disc, torch.zeros(1, 32, 32), 1e-4)
+    add = bare_add(student, student, torch.device("cpu"))
     shape, context = (4, 8, 8), torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(3))
     s = torch.tensor([749, 249, 499])
     got = add.own_inputs(s, context, torch.Generator().manual_seed(7), shape)
@@ -570,7 +553,6 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
     numbers on any device; `to_device` moves a batch's tensors and leaves its seeds and captions."""
     from fewstep.loading import load_text_encoder, load_unet
     from fewstep.train.common import to_device
-    from fewstep.train.distill import ADD, Discriminator, feature_channels, feature_side
     from fewstep.schedules import alphas_cumprod
     from fewstep.train.export import TRAIN_SCHEDULE
     from fewstep.train.teacher import Conditioned, denoising_loss
@@ -588,14 +570,26 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
         loss, mse, contrast = denoising_loss(joint, batch, alphas_cumprod(TRAIN_SCHEDULE).to(meta), 0.1, swap=1.0)
     assert loss.device == meta and contrast.device == meta and check.mixed == []
 
-    class Accel:  # what ADD needs of a Stage's Accelerator, on the meta device
-        device = meta
+    add = bare_add(teacher, copy.deepcopy(teacher), meta)
+    x0_hat = torch.randn(4, 4, 8, 8, device=meta, requires_grad=True)
+    with OneDevice() as check:
+        adv, distill, (fake, real) = add.generator_losses(x0_hat, batch, torch.Generator().manual_seed(0))
+    assert adv.device == distill.device == real[0].device == meta and check.mixed == []
+    assert add.teacher.conv_in.weight.device == meta and add.ac.device == meta and add.empty.device == meta
 
+
+def bare_add(teacher: torch.nn.Module, student: torch.nn.Module, device: torch.device):
+    """An ADD on `device` without a Stage: the little of a Stage and its Accelerator that ADD uses."""
+    from fewstep.train.distill import ADD, Discriminator, feature_channels, feature_side
+
+    class Accel:
         def prepare(self, *objects):
-            return [o.to(meta) if isinstance(o, torch.nn.Module) else o for o in objects]
+            return [o.to(device) if isinstance(o, torch.nn.Module) else o for o in objects]
 
         def unwrap_model(self, model):
             return model
+
+    Accel.device = device
 
     class FakeStage:
         hyper, accel = type("H", (), {"lr": 1e-4})(), Accel()
@@ -604,12 +598,7 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
             pass
 
     disc = Discriminator(feature_channels(teacher), 32, feature_side(teacher))
-    add = ADD(FakeStage(), teacher, copy.deepcopy(teacher), disc, torch.zeros(1, 32, 32), 1e-4)
-    x0_hat = torch.randn(4, 4, 8, 8, device=meta, requires_grad=True)
-    with OneDevice() as check:
-        adv, distill, (fake, real) = add.generator_losses(x0_hat, batch, torch.Generator().manual_seed(0))
-    assert adv.device == distill.device == real[0].device == meta and check.mixed == []
-    assert add.teacher.conv_in.weight.device == meta and add.ac.device == meta and add.empty.device == meta
+    return ADD(FakeStage(), teacher, student, disc, torch.zeros(1, 32, 32), 1e-4)
 
 
 class OneDevice(TorchDispatchMode):
