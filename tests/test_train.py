@@ -434,8 +434,8 @@ def test_own_inputs_are_the_students_own_chain(run):
     with torch.no_grad():
         for t, nxt in zip(STUDENT_TIMESTEPS, STUDENT_TIMESTEPS[1:]):
             tt = torch.full((3,), t)
-            x = diffuse(to_x0(x, student(x, tt, context), tt, ac, STUDENT_PREDICTION), torch.randn(x.shape, generator=g),
-                        torch.full((3,), nxt), ac)
+            x0 = to_x0(x, student(x, tt, context), tt, ac, STUDENT_PREDICTION)
+            x = diffuse(x0, torch.randn(x.shape, generator=g), torch.full((3,), nxt), ac)
             want[s == nxt] = x[s == nxt]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.equal(got[0], got[1])
