@@ -84,7 +84,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
-                "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop}
+                "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop,
+                "backward": a.backward}
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop)):
             if value is not None and not 0 <= value <= 1:
                 raise FewstepError(f"{flag} is a probability between 0 and 1, not {value}")
@@ -100,7 +101,6 @@ def cmd_train(a: argparse.Namespace) -> None:
             raise FewstepError("--backward-sim is an option of the student stage")
         if a.backward is not None and not 0 <= a.backward <= 1:
             raise FewstepError(f"--backward-sim is a probability between 0 and 1, not {a.backward}")
-        over["backward"] = a.backward
         over.update(teacher_only)
         if a.stage in ONE_PROCESS:
             over = {}

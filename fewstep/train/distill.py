@@ -58,8 +58,8 @@ from .sizes import Sizes
 from .teacher import GUIDANCE, LatentData, diffuse, teacher_folder, text_encoder_folder
 
 STUDENT_TIMESTEPS = (999, 749, 499, 249)  # trailing spacing of 4 steps: what the exported scheduler uses
-STUDENT_WEIGHTS = (0.85, 0.05, 0.05, 0.05)  # t = 999 (one step) drawn most: 0.85 beat 0.7 and 0.4 at one step,
-# and with 4,000 student steps four steps lose no one-object accuracy (docs/SHAPES.md, 19th-20th sessions)
+STUDENT_WEIGHTS = (0.85, 0.05, 0.05, 0.05)  # t = 999 (one step) drawn most: 0.85 beat 0.7 and 0.4 at one step;
+# with 4,000 student steps four steps stay where 0.7 had them (docs/SHAPES.md, 19th-20th sessions)
 DISTILL_WEIGHT = 2.5  # lambda of ADD
 DISC_MAX_T = 700  # the discriminator sees latents re-noised to t ~ U[0, 700)
 ADV_BALANCE = 1.0  # adversarial gradient norm / distillation gradient norm at x0_hat
@@ -185,8 +185,9 @@ class ADD:
             if not go.any():
                 break
             x0 = to_x0(x, model(x, t, context), t, self.ac, STUDENT_PREDICTION)
-            step = diffuse(x0, self.draw(torch.randn(x.shape, generator=g)), torch.full_like(t, nxt), self.ac)
-            x, t = torch.where(go.view(-1, 1, 1, 1), step, x), torch.where(go, torch.full_like(t, nxt), t)
+            t_next = torch.full_like(t, nxt)
+            step = diffuse(x0, self.draw(torch.randn(x.shape, generator=g)), t_next, self.ac)
+            x, t = torch.where(go.view(-1, 1, 1, 1), step, x), torch.where(go, t_next, t)
         return x
 
     def generator_grad(self, x0_hat: torch.Tensor, b: dict, g: torch.Generator) -> tuple[torch.Tensor, dict, list]:
@@ -229,14 +230,14 @@ class ADD:
         g = generator(b["seed"] + 1)
         n = len(b["latents"])
         s = self.draw(student_timesteps(n, g))
-        real = b["latents"] * (s != STUDENT_TIMESTEPS[0]).view(-1, 1, 1, 1)  # pure noise at t = 999
+        multi = s != STUDENT_TIMESTEPS[0]  # the multi-step rows; at t = 999 the input is pure noise
+        real = b["latents"] * multi.view(-1, 1, 1, 1)
         xs = diffuse(real, self.draw(torch.randn(real.shape, generator=g)), s, self.ac)
         if h.backward > 0:  # its own draws, so the step's other draws stay those of a run without it
             g_own = generator(b["seed"] + 2)
-            own = (s != STUDENT_TIMESTEPS[0]) & self.draw(torch.rand((n,), generator=g_own) < h.backward)
+            own = multi & self.draw(torch.rand((n,), generator=g_own) < h.backward)
             if own.any():
                 idx = own.nonzero().flatten()
-                xs = xs.clone()
                 xs[idx] = self.own_inputs(s[idx], b["context"][idx], g_own, tuple(xs.shape[1:]))
         context = b["context"]
         if "pool_z" in b:  # the regression pool's noise, as the 1-step sampler feeds it, in the same forward
