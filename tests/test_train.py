@@ -441,14 +441,14 @@ def test_own_inputs_are_the_students_own_chain(run):
     assert not torch.equal(got[0], got[1])
 
 
-def test_student_stage_with_backward_simulation(run, tmp_path):
-    """--backward-sim 1: the tiny student stage trains and its weights differ from the recipe's run, whose
-    draws it otherwise shares (its multi-step rows got the student's own chain as input)."""
+def test_student_stage_without_backward_simulation(run, tmp_path):
+    """--backward-sim 0: the tiny student stage trains and its weights differ from the recipe's run (backward
+    simulation on), whose draws it otherwise shares (there the multi-step rows got the student's own chain)."""
     from safetensors.torch import load_file
     from fewstep.train.recipe import run_stage
     copy = tmp_path / "run"
     shutil.copytree(run[0], copy, ignore=shutil.ignore_patterns("checkpoints", "logs", "student"))
-    run_stage("student", copy, tiny=True, backward=1.0)
+    run_stage("student", copy, tiny=True, backward=0.0)
     name = "student/unet/diffusion_pytorch_model.safetensors"
     new, old = load_file(copy / name), load_file(run[0] / name)
     assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)

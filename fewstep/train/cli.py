@@ -59,7 +59,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                    "swap: 1)")
     p.add_argument("--backward-sim", type=float, default=None, metavar="P", dest="backward",
                    help="student: share of the multi-step rows (t < 999) fed the student's own sampling chain instead "
-                   "of a noised real latent (DMD2's backward simulation; default 0)")
+                   "of a noised real latent (DMD2's backward simulation; default 1, the recipe's; 0: off)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 

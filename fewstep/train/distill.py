@@ -20,7 +20,7 @@ holds 7% of the data, which a student could learn to lean on. From its one-step 
   of a teacher sample the evaluator read right (pool.py), whose one-step x0 is pulled onto that sample
   by squared error, weighted as one row's distillation (DMD's regression loss, Yin et al. 2024): the
   student learns where the teacher puts each object for a given noise, which neither loss above says.
-* backward simulation (with Hyper.backward, off in the recipe so far): a row drawn at s < 999 gets, with
+* backward simulation (with Hyper.backward, 1 in the recipe): a row drawn at s < 999 gets, with
   that probability, not a noised real latent as its input but what the 4-step sampler would give it, the
   student's own chain from pure noise down to s (DMD2's backward simulation, Yin et al. 2024, "Improved
   Distribution Matching Distillation", section 4.5), so it learns to correct its own earlier steps.
