@@ -67,7 +67,7 @@ SETTINGS = {
         "swap": Hyper(steps=2000, batch=32, lr=2e-4, warmup=200, workers=1, preview_every=500, text_layers=4,
                       offset_noise=0.1, two_objects=0.8, caption_drop=0.15, swap=1.0),
         "student": Hyper(steps=3000, batch=32, lr=1e-4, warmup=50, workers=1, preview_every=250, pool=True,
-                          backward=1.0),
+                         backward=1.0),
     },
     "tiny": {
         "clip": Hyper(steps=6, batch=8, lr=1e-3, warmup=2, log_every=2, ckpt_every=3),
