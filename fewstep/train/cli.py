@@ -86,9 +86,11 @@ def cmd_train(a: argparse.Namespace) -> None:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
                 "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop,
                 "backward": a.backward}
-        for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop)):
+        for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop),
+                            ("--backward-sim", a.backward)):
             if value is not None and not 0 <= value <= 1:
                 raise FewstepError(f"{flag} is a probability between 0 and 1, not {value}")
+        for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop)):
             if value is not None and a.stage not in (*TEACHER_STAGES, "student"):
                 raise FewstepError(f"{flag} is an option of the teacher, refine, pairs, swap and student stages")
         teacher_only = {"text_layers": a.text_layers, "offset_noise": a.offset_noise, "init": a.init, "swap": a.swap}
@@ -99,8 +101,6 @@ def cmd_train(a: argparse.Namespace) -> None:
             raise FewstepError(f"--swap is a weight, 0 or more, not {a.swap}")
         if a.backward is not None and a.stage != "student":
             raise FewstepError("--backward-sim is an option of the student stage")
-        if a.backward is not None and not 0 <= a.backward <= 1:
-            raise FewstepError(f"--backward-sim is a probability between 0 and 1, not {a.backward}")
         over.update(teacher_only)
         if a.stage in ONE_PROCESS:
             over = {}

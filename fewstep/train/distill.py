@@ -237,8 +237,7 @@ class ADD:
             g_own = generator(b["seed"] + 2)
             own = multi & self.draw(torch.rand((n,), generator=g_own) < h.backward)
             if own.any():
-                idx = own.nonzero().flatten()
-                xs[idx] = self.own_inputs(s[idx], b["context"][idx], g_own, tuple(xs.shape[1:]))
+                xs[own] = self.own_inputs(s[own], b["context"][own], g_own, tuple(xs.shape[1:]))
         context = b["context"]
         if "pool_z" in b:  # the regression pool's noise, as the 1-step sampler feeds it, in the same forward
             top = torch.full((len(b["pool_z"]),), STUDENT_TIMESTEPS[0], device=self.device)
