@@ -273,6 +273,22 @@ def test_tokenizer_matches_transformers(run):
     assert len(words) == 8  # every caption word is one token: "a large red circle at the top left"
 
 
+def test_export_scores_the_student_at_one_step_and_four(run, tmp_path, monkeypatch):
+    """The closing check of `train all` (full size only): the teacher at its own defaults, the student at 1 step as
+    `student` and at 4 as `student_4_steps` (its own default is 4, which once made both rows 4-step rows)."""
+    import fewstep.train.evaluate as ev
+    from fewstep.train.recipe import export_and_score
+    out = tmp_path / "run"
+    shutil.copytree(run[0], out)
+    calls = []
+    monkeypatch.setattr(ev, "evaluate", lambda pipe, n, **kw: calls.append(
+        (pipe.defaults.steps, kw.get("steps", pipe.defaults.steps))) or {"steps": calls[-1][1]})
+    report = export_and_score(out, tiny=False, n=2)
+    assert calls == [(25, 25), (4, 1), (4, 4)]
+    assert (report["teacher"], report["student"], report["student_4_steps"]) == ({"steps": 25}, {"steps": 1},
+                                                                                 {"steps": 4})
+
+
 def _uint8(x: np.ndarray) -> np.ndarray:
     return np.round(np.clip(x, 0, 1) * 255).astype(np.int16)
 
