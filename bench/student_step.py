@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     a = p.parse_args()
     run, h = Path(a.run), hyper("student", False)
+    if not (run / "pool" / "pool.safetensors").is_file() or not (run / "swap" / "unet").is_dir():
+        p.error(f"{run} has no swap/unet or pool/pool.safetensors: run `fewstep train all --out {run}` (or up to pool)")
     times: dict[str, float] = defaultdict(float)
     inside = {"chain": False}
 
