@@ -102,8 +102,8 @@ def main() -> None:
     for name, v in sorted(times.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {v / n * 1000:.0f} | {100 * v / total:.0f}% |")
     rest = total - sum(times.values())
-    print(f"| the rest (optimisers, EMA, losses, clipping, draws) | {rest / n * 1000:.0f} | {100 * rest / total:.0f}% |",
-          flush=True)
+    print(f"| the rest (optimisers, EMA, losses, clipping, draws) | {rest / n * 1000:.0f} "
+          f"| {100 * rest / total:.0f}% |", flush=True)
 
 
 CHAIN = "backward simulation (the student's own chains, no gradient)"
