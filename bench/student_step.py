@@ -13,7 +13,6 @@ discriminator, the gradients at x0_hat, the backward-simulation chains and the d
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 from collections import defaultdict
@@ -21,13 +20,10 @@ from pathlib import Path
 
 import torch
 
-from fewstep.loading import load_unet
 from fewstep.train import distill
 from fewstep.train.loop import Stage
-from fewstep.train.pool import Pool
 from fewstep.train.recipe import hyper
 from fewstep.train.sizes import sizes
-from fewstep.train.teacher import LatentData, teacher_folder, text_encoder_folder
 
 
 def main() -> None:
@@ -53,22 +49,14 @@ def main() -> None:
         return wrapper
 
     stage = Stage("student-step", Path(tempfile.mkdtemp()), h, 0)
-    data = LatentData(run, "student", sizes(False), 0, stage.per_process, stage.rank, dropout=0.0,
-                      text_folder=text_encoder_folder(run), mix=(h.two_objects, h.caption_drop), pool=Pool(run))
-    teacher = load_unet(teacher_folder(run) / "unet")
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
-    disc = distill.Discriminator(distill.feature_channels(teacher), data.text.cfg.hidden_size,
-                                 distill.feature_side(teacher))
-    with torch.no_grad():
-        empty = data.text(data.tokenizer([""])).last_hidden_state
-    add = distill.ADD(stage, teacher, student, disc, empty, 1e-4)
+    add, data, _ = distill.student_setup(stage, run, sizes(False), 0)
     batches = [data(i) for i in range(a.steps)]
 
-    chain = add.own_inputs
+    chain = timed(CHAIN, add.own_inputs)
     def own_inputs(*args, **kw):
         inside["chain"] = True
         try:
-            return timed(CHAIN, chain)(*args, **kw)
+            return chain(*args, **kw)
         finally:
             inside["chain"] = False
     add.own_inputs = own_inputs

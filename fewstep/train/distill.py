@@ -271,15 +271,11 @@ def student_timesteps(n: int, g: torch.Generator) -> torch.Tensor:
     return torch.tensor(STUDENT_TIMESTEPS)[idx]
 
 
-def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, disc_lr: float = 1e-4) -> dict:
-    """ADD from the final teacher (OUT/swap/unet), plus regression onto its pool (OUT/pool); writes the
-    student's EMA weights to OUT/student/unet/ and returns a quick 1-step accuracy check (full size only)."""
+def student_setup(stage: Stage, out: Path, sizes: Sizes, seed: int, disc_lr: float = 1e-4) -> tuple:
+    """The student stage's parts from OUT's final teacher (and pool, with Hyper.pool): (the ADD trainer, whose
+    student is a copy of the teacher and whose discriminator is fresh, the data stream, the teacher)."""
     from ..loading import load_unet
-    from .evaluate import finish_unet, preview
-    from .export import STUDENT_SCHEDULER
-    out = Path(out)
-    stage = Stage("student", out, hyper, seed)
-    pool = None
+    hyper, pool = stage.hyper, None
     if hyper.pool:
         from .pool import Pool
         pool = Pool(out)
@@ -291,7 +287,17 @@ def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     disc = Discriminator(feature_channels(teacher), data.text.cfg.hidden_size, feature_side(teacher))
     with torch.no_grad():
         empty = data.text(data.tokenizer([""])).last_hidden_state
-    add = ADD(stage, teacher, student, disc, empty, disc_lr)
+    return ADD(stage, teacher, student, disc, empty, disc_lr), data, teacher
+
+
+def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, disc_lr: float = 1e-4) -> dict:
+    """ADD from the final teacher (OUT/swap/unet), plus regression onto its pool (OUT/pool); writes the
+    student's EMA weights to OUT/student/unet/ and returns a quick 1-step accuracy check (full size only)."""
+    from .evaluate import finish_unet, preview
+    from .export import STUDENT_SCHEDULER
+    out = Path(out)
+    stage = Stage("student", out, hyper, seed)
+    add, data, teacher = student_setup(stage, out, sizes, seed, disc_lr)
     start = stage.restore(resume)
     def on_preview(step: int) -> None:
         preview(add.ema.averaged(teacher), data, STUDENT_SCHEDULER, 1, 0.0, out / "samples" / f"student-{step:05d}.png")
