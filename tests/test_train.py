@@ -427,8 +427,26 @@ def test_pool_and_the_student_regression(run):
     rows = pool.rows(0, "student", 3, 0)
     assert rows.shape == (POOL_ROWS,) and torch.equal(rows, pool.rows(0, "student", 3, 0))
     assert not torch.equal(rows, pool.rows(0, "student", 4, 0))
+    assert len(Pool(out, k=3).rows(0, "student", 3, 0)) == 3
     logged = [json.loads(line) for line in (out / "logs" / "student.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["regression"]) and r["regression"] > 0 for r in logged)
+
+
+def test_pool_rows_split_over_processes_like_the_batch(run, monkeypatch):
+    """Each process draws its share of a step's POOL_ROWS, as of its batch rows: one process of batch 32 all 8, each
+    of two 4; the student stage's data stream gets that share (a stage of 2 rows a process of a batch of 4: 4)."""
+    from types import SimpleNamespace
+
+    from fewstep.train import distill
+    from fewstep.train.pool import POOL_ROWS, rows_per_process
+    from fewstep.train.recipe import hyper
+    from fewstep.train.sizes import sizes
+    assert [rows_per_process(n, 32) for n in (32, 16, 8, 1)] == [POOL_ROWS, POOL_ROWS // 2, POOL_ROWS // 4, 1]
+    assert rows_per_process(2, 4) == POOL_ROWS // 2
+    monkeypatch.setattr(distill, "ADD", lambda *a: None)  # the parts only; no optimiser
+    stage = SimpleNamespace(hyper=hyper("student", tiny=True, batch=4), per_process=2, rank=1)
+    _, data, _ = distill.student_setup(stage, run[0], sizes(True), seed=0)
+    assert data.pool.k == POOL_ROWS // 2 and len(data(3)["pool_z"]) == POOL_ROWS // 2
 
 
 def test_own_inputs_are_the_students_own_chain(run):

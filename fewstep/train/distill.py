@@ -277,8 +277,8 @@ def student_setup(stage: Stage, out: Path, sizes: Sizes, seed: int, disc_lr: flo
     from ..loading import load_unet
     hyper, pool = stage.hyper, None
     if hyper.pool:
-        from .pool import Pool
-        pool = Pool(out)
+        from .pool import Pool, rows_per_process
+        pool = Pool(out, k=rows_per_process(stage.per_process, hyper.batch))
     data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0,
                       text_folder=text_encoder_folder(out), mix=(hyper.two_objects, hyper.caption_drop), pool=pool)
     teacher = load_unet(teacher_folder(out) / "unet")

@@ -30,9 +30,16 @@ from .common import generator, seed_for, tensor_to_images
 POOL_SAMPLER, POOL_STEPS = "dpmpp_2m", 15  # deterministic: the target is a function of z
 POOL_GUIDANCE = 4.0  # the shipped student's pool (twelfth session); the teacher's own default moved to 5 after it
 # (recipe.TEACHER_DEFAULTS); a pool drawn at 5 kept as many (5,065 of 6,144 against 5,086) and was not distilled from
-POOL_ROWS = 8  # pool rows added to each process's student batch
+POOL_ROWS = 8  # pool rows a student step (of its 32 batch rows), split over processes like the batch
 POOL_SIZE = {"full": 6144, "tiny": 8}  # teacher samples drawn (the pool keeps the right ones)
 POOL_MIX = (0.7, 0.3)  # fraction of two-object captions (what the one-step student gets wrong most), part drop
+
+
+def rows_per_process(per_process: int, batch: int) -> int:
+    """A process's share of a step's POOL_ROWS, as of its share of the batch (at least one): the regression sums
+    over its pool rows over its batch rows, as the distillation does, so its weight does not grow with processes
+    (two processes each drawing all 8 doubled it, twenty-third session)."""
+    return max(1, POOL_ROWS * per_process // batch)
 
 
 def pool_path(run: Path) -> Path:
@@ -79,16 +86,17 @@ def make_pool(run: Path, n: int, seed: int, mix: tuple[float, float] = POOL_MIX,
 
 
 class Pool:
-    """The pool, and each batch's rows of it: `rows(seed, stage, step, rank)` draws POOL_ROWS indices
-    (with replacement) from that step's own seed, so a resumed run draws what the straight run drew."""
+    """The pool, and each batch's rows of it: `rows(seed, stage, step, rank)` draws `k` indices (with
+    replacement) from that step's own seed, so a resumed run draws what the straight run drew."""
 
-    def __init__(self, run: Path):
+    def __init__(self, run: Path, k: int = POOL_ROWS):
         path = pool_path(run)
         if not path.is_file():
             raise FewstepError(f"no regression pool at {path}: run `fewstep train pool --out {run}` first")
         t = load_file(str(path))
         self.z, self.x0, self.ids = t["z"], t["x0"], t["ids"].long()
+        self.k = k
 
-    def rows(self, seed: int, stage: str, step: int, rank: int, k: int = POOL_ROWS) -> torch.Tensor:
+    def rows(self, seed: int, stage: str, step: int, rank: int) -> torch.Tensor:
         g = generator(seed_for(seed, stage, step, rank) + 2)
-        return torch.randint(0, len(self.z), (k,), generator=g)
+        return torch.randint(0, len(self.z), (self.k,), generator=g)
