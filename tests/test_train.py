@@ -339,17 +339,20 @@ def test_resume_replays_the_straight_run(run, tmp_path):
 @pytest.mark.parametrize("stage,inputs", [("vae", ("tokenizer",)),
                                           ("student", ("tokenizer", "clip", "vae", "swap", "pool"))])
 def test_two_processes(run, tmp_path, stage, inputs):
-    """A stage data-parallel over 2 CPU processes (gloo) through `accelerate launch` (the student:
-    two prepared models, the generator step through the unwrapped discriminator)."""
+    """A stage data-parallel over 2 CPU processes (gloo): the VAE through `accelerate launch` itself, the student
+    (two prepared models, the generator step through the unwrapped discriminator) through `fewstep train
+    --processes 2`, which launches them the same way and alone reports."""
     out = tmp_path / "ddp"
     for part in inputs:
         shutil.copytree(run[0] / part, out / part)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "fewstep.train.cli", stage, "--out", str(out), "--tiny"]
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"] if stage == "vae" else []
+    cmd = [sys.executable, *launcher, "-m", "fewstep.train.cli", stage, "--out", str(out), "--tiny"]
+    cmd += ["--processes", "2", "--cpu"] * (stage == "student")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count(f'"{stage}": {{') == 1  # one report
     assert sorted(p.name for p in (out / "checkpoints" / stage).glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
     rows = [json.loads(line) for line in (out / "logs" / f"{stage}.jsonl").read_text().splitlines()]
@@ -406,6 +409,10 @@ def test_cli_parses_and_rejects():
         cmd_train(parser.parse_args(["train", "vae", "--out", "x", "--caption-drop", "0.1"]))
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--two-objects", "0.8"]))
+    with pytest.raises(FewstepError, match="--processes apply to one stage"):
+        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--processes", "2"]))
+    with pytest.raises(FewstepError, match="--processes is 1 or more, not 0"):
+        cmd_train(parser.parse_args(["train", "teacher", "--out", "x", "--processes", "0"]))
     with pytest.raises(FewstepError, match="needs x/tokenizer/vocab.json"):  # --init: no earlier teacher stage asked
         cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--init", "runs/a/teacher"]))
     with pytest.raises(SystemExit):
@@ -430,6 +437,26 @@ def test_pool_and_the_student_regression(run):
     assert len(Pool(out, k=3).rows(0, "student", 3, 0)) == 3
     logged = [json.loads(line) for line in (out / "logs" / "student.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["regression"]) and r["regression"] > 0 for r in logged)
+
+
+def test_launched_processes_get_the_stages_settings(run, monkeypatch):
+    """`--processes N` re-runs the stage's command under `accelerate launch` with the settings spelled out: parsed
+    there, they give each process the stage's Hyper (no data worker, one process each) and the same seed and resume."""
+    from dataclasses import replace
+
+    from fewstep.train import recipe
+    from fewstep.train.cli import main
+    out, seen = run[0], []
+    monkeypatch.setattr(recipe, "_trainer", lambda stage: lambda o, sz, h, seed, resume: seen.append((h, seed, resume)))
+    for name, value in (("WORLD_SIZE", "2"), ("FEWSTEP_LAUNCHED", "1"), ("ACCELERATE_USE_CPU", "true")):
+        monkeypatch.setenv(name, value)  # as a launched process: trains where it is
+    for stage, over in (("refine", dict(steps=7, lr=3e-4, stop_at=5, init=str(out / "teacher"), swap=0.5)),
+                        ("student", dict(scale=0.5, two_objects=0.9, backward=0.25)), ("vae", dict(batch=6))):
+        h = recipe.hyper(stage, True, processes=3, **over)
+        cmd = recipe.launch_command(stage, out, True, 3, True, h)
+        assert cmd[cmd.index("--num_processes") + 1] == "3"
+        assert main(cmd[cmd.index("fewstep.train.cli") + 1:]) == 0
+        assert seen.pop() == (replace(h, workers=0, processes=1), 3, True)
 
 
 def test_pool_rows_split_over_processes_like_the_batch(run, monkeypatch):

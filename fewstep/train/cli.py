@@ -33,6 +33,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 0.1 for a trial)")
     p.add_argument("--workers", type=int, default=None, choices=(0, 1),
                    help="data worker processes (rendering and frozen encoders); default: per stage")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="training stages on the CPU: data-parallel processes to run the stage as (default: per stage)")
     p.add_argument("--stop-at", type=int, default=None, help="end after this step, checkpointed (continue "
                    "later with --resume): to train a stage in time slices")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (all: skip finished stages)")
@@ -78,14 +80,17 @@ def cmd_train(a: argparse.Namespace) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
-                                       a.two_objects, a.caption_drop, a.swap, a.backward)):
+                                       a.two_objects, a.caption_drop, a.swap, a.backward, a.processes)):
             raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init/--two-objects/"
-                               "--caption-drop/--swap/--backward-sim apply to one stage; with 'all' use --scale")
+                               "--caption-drop/--swap/--backward-sim/--processes apply to one stage; with 'all' use "
+                               "--scale")
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
                 "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop,
-                "backward": a.backward}
+                "backward": a.backward, "processes": a.processes}
+        if a.processes is not None and a.processes < 1:
+            raise FewstepError(f"--processes is 1 or more, not {a.processes}")
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop),
                             ("--backward-sim", a.backward)):
             if value is not None and not 0 <= value <= 1:
@@ -105,7 +110,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         if a.stage in ONE_PROCESS:
             over = {}
         report = {a.stage: run_stage(a.stage, a.out, a.tiny, a.seed, a.resume, a.evaluate_n, **over)}
-    if int(os.environ.get("RANK", "0")) == 0:  # one report, also under `accelerate launch`
+    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("FEWSTEP_LAUNCHED"):  # one report, also
+        # under `accelerate launch`; none from the processes recipe.launch starts (their caller reports)
         print(json.dumps(report, indent=2))
 
 

@@ -23,6 +23,7 @@ stage from its checkpoint, and `all` skips stages whose output already exists).
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -93,10 +94,49 @@ def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: 
             report.update(export_and_score(out, tiny, evaluate_n))
         state.wait_for_everyone()
     else:
-        train = _trainer(stage)
-        report.update(train(out, sizes(tiny), hyper(stage, tiny, **overrides), seed, resume) or {})
+        from .common import on_cpu
+        h = hyper(stage, tiny, **overrides)
+        if h.processes > 1 and on_cpu() and not launched():
+            launch(stage, out, tiny, seed, resume, h)
+        else:
+            report.update(_trainer(stage)(out, sizes(tiny), h, seed, resume) or {})
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
+
+
+def launched() -> bool:
+    """Whether this process is one of several a launcher started (accelerate launch, torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h: Hyper) -> list[str]:
+    """`accelerate launch` of `fewstep.train.cli STAGE` as h.processes CPU processes with the settings of `h`
+    (steps already scaled), each making its own share of the batch on its own core (no data worker)."""
+    import sys
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(h.processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep.train.cli",
+           stage, "--out", str(out), "--cpu", "--workers", "0", "--processes", "1", "--seed", str(seed),
+           "--steps", str(h.steps), "--batch", str(h.batch), "--lr", repr(h.lr)]
+    flags = [("--stop-at", h.stop_at)]
+    if stage in ("teacher", "refine", "pairs", "swap"):
+        flags += [("--text-layers", h.text_layers), ("--offset-noise", h.offset_noise), ("--init", h.init),
+                  ("--two-objects", h.two_objects), ("--caption-drop", h.caption_drop), ("--swap", h.swap)]
+    elif stage == "student":
+        flags += [("--two-objects", h.two_objects), ("--caption-drop", h.caption_drop), ("--backward-sim", h.backward)]
+    cmd += [str(x) for flag, value in flags if value is not None for x in (flag, value)]
+    return cmd + ["--tiny"] * tiny + ["--resume"] * resume
+
+
+def launch(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h: Hyper) -> None:
+    """Train a stage as h.processes data-parallel CPU processes (`launch_command`); they print their own progress."""
+    import subprocess
+
+    from ..errors import FewstepError
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEWSTEP_LAUNCHED": "1"}  # threads: make_accelerator sets them
+    done = subprocess.run(launch_command(stage, out, tiny, seed, resume, h), env=env)
+    if done.returncode:
+        raise FewstepError(f"stage '{stage}' stopped in its {h.processes} processes (exit code {done.returncode}); "
+                           "their error is above")
 
 
 def _require(out: Path, stage: str, init: bool = False) -> None:
