@@ -22,7 +22,6 @@ import os
 import sys
 
 STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "swap", "pool", "student", "export", "all")
-TEACHER_STAGES = ("teacher", "refine", "pairs", "swap")  # the stages that train a teacher (train_teacher)
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +75,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_train(a: argparse.Namespace) -> None:
     from ..errors import FewstepError
-    from .recipe import ONE_PROCESS, run_all, run_stage
+    from .recipe import ONE_PROCESS, TEACHER_STAGES, run_all, run_stage
     if a.cpu:  # accelerate's own switch (`accelerate launch --cpu` sets it too), read by common.on_cpu
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "all":

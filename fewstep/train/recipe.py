@@ -39,6 +39,7 @@ OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model
            "swap": "swap/unet/diffusion_pytorch_model.safetensors",
            "pool": "pool/pool.safetensors",
            "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
+TEACHER_STAGES = ("teacher", "refine", "pairs", "swap")  # the stages that train a teacher (train_teacher)
 ONE_PROCESS = ("tokenizer", "pool", "export")  # no optimiser steps: no Hyper, run by the main process
 # Sampling defaults written to each exported folder's fewstep.json, chosen by bench/sampler_study.py and
 # `fewstep eval` (docs/SHAPES.md, "Sampler study" and "Ninth session"). The teacher: Euler ancestral, whose
@@ -118,7 +119,7 @@ def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h
            stage, "--out", str(out), "--cpu", "--workers", "0", "--processes", "1", "--seed", str(seed),
            "--steps", str(h.steps), "--batch", str(h.batch), "--lr", repr(h.lr)]
     flags = [("--stop-at", h.stop_at)]
-    if stage in ("teacher", "refine", "pairs", "swap"):
+    if stage in TEACHER_STAGES:
         flags += [("--text-layers", h.text_layers), ("--offset-noise", h.offset_noise), ("--init", h.init),
                   ("--two-objects", h.two_objects), ("--caption-drop", h.caption_drop), ("--swap", h.swap)]
     elif stage == "student":
