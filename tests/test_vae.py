@@ -127,3 +127,17 @@ def test_channels_last_and_bf16():
         half = ours.decode(ours.encode(x.bfloat16()))
     assert half.dtype == torch.bfloat16
     assert (half.float() - want).abs().max().item() <= 0.05 * want.abs().max().item()
+
+
+def test_encode_under_autocast_keeps_the_inputs_dtype_and_noise():
+    """A bf16 autocast encoder (the training data stream's) returns fp32 latents for fp32 images, its posterior
+    draw made from the same fp32 noise as without autocast: only the convolutions' rounding differs."""
+    ours = ours_from(reference("sd15", **SMALL))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        want = ours.encode(x, torch.Generator().manual_seed(0), sample=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ours.encode(x, torch.Generator().manual_seed(0), sample=True)
+            mean, _ = ours.encode_moments(x)
+    assert mean.dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert 0 < (got - want).abs().max().item() <= 0.02 * want.abs().max().item()

@@ -133,7 +133,7 @@ class AutoencoderKL(nn.Module):
 
         The noise is drawn on the generator's device (CPU generators give the same latents on any
         device) with the latents' dtype, exactly as diffusers' `latent_dist.sample(generator)`."""
-        mean, logvar = self.encode_moments(x)
+        mean, logvar = (m.to(x.dtype) for m in self.encode_moments(x))  # autocast: back to the input's dtype
         z = mean
         if sample:
             device = generator.device if generator is not None else mean.device
