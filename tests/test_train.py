@@ -409,8 +409,8 @@ def test_cli_parses_and_rejects():
         cmd_train(parser.parse_args(["train", "vae", "--out", "x", "--caption-drop", "0.1"]))
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--two-objects", "0.8"]))
-    with pytest.raises(FewstepError, match="--processes apply to one stage"):
-        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--processes", "2"]))
+    with pytest.raises(FewstepError, match="--processes is 1 or more, not 0"):
+        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--processes", "0"]))
     with pytest.raises(FewstepError, match="--processes is 1 or more, not 0"):
         cmd_train(parser.parse_args(["train", "teacher", "--out", "x", "--processes", "0"]))
     with pytest.raises(FewstepError, match="needs x/tokenizer/vocab.json"):  # --init: no earlier teacher stage asked
@@ -457,6 +457,19 @@ def test_launched_processes_get_the_stages_settings(run, monkeypatch):
         assert cmd[cmd.index("--num_processes") + 1] == "3"
         assert main(cmd[cmd.index("fewstep.train.cli") + 1:]) == 0
         assert seen.pop() == (replace(h, workers=0, processes=1), 3, True)
+
+
+def test_all_runs_the_unet_stages_on_the_processes_asked(tmp_path, monkeypatch):
+    """`train all --processes 2`: the four teacher stages and the student get 2 processes; the CLIP and the VAE keep
+    their one, and the stages without optimiser steps get no such setting."""
+    from fewstep.train import recipe
+    from fewstep.train.cli import main
+    seen = {}
+    monkeypatch.setattr(recipe, "run_stage", lambda stage, *a, **kw: seen.setdefault(stage, kw.get("processes")) or {})
+    assert main(["all", "--out", str(tmp_path / "run"), "--processes", "2"]) == 0
+    assert seen == {"tokenizer": None, "clip": None, "vae": None, "teacher": 2, "refine": 2, "pairs": 2, "swap": 2,
+                    "pool": None, "student": 2, "export": None}
+    assert recipe.UNET_STAGES == ("teacher", "refine", "pairs", "swap", "student")
 
 
 def test_pool_rows_split_over_processes_like_the_batch(run, monkeypatch):

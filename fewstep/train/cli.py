@@ -34,7 +34,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, choices=(0, 1),
                    help="data worker processes (rendering and frozen encoders); default: per stage")
     p.add_argument("--processes", type=int, default=None, metavar="N",
-                   help="training stages on the CPU: data-parallel processes to run the stage as (default: per stage)")
+                   help="training stages on the CPU: data-parallel processes to run the stage as (default: per stage; "
+                   "all: the UNet stages)")
     p.add_argument("--stop-at", type=int, default=None, help="end after this step, checkpointed (continue "
                    "later with --resume): to train a stage in time slices")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (all: skip finished stages)")
@@ -80,17 +81,16 @@ def cmd_train(a: argparse.Namespace) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
-                                       a.two_objects, a.caption_drop, a.swap, a.backward, a.processes)):
+                                       a.two_objects, a.caption_drop, a.swap, a.backward)):
             raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init/--two-objects/"
-                               "--caption-drop/--swap/--backward-sim/--processes apply to one stage; with 'all' use "
-                               "--scale")
-        report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n)
+                               "--caption-drop/--swap/--backward-sim apply to one stage; with 'all' use --scale")
+        _check_processes(a.processes)
+        report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n, a.processes)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
                 "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop,
                 "backward": a.backward, "processes": a.processes}
-        if a.processes is not None and a.processes < 1:
-            raise FewstepError(f"--processes is 1 or more, not {a.processes}")
+        _check_processes(a.processes)
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop),
                             ("--backward-sim", a.backward)):
             if value is not None and not 0 <= value <= 1:
@@ -113,6 +113,12 @@ def cmd_train(a: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("FEWSTEP_LAUNCHED"):  # one report, also
         # under `accelerate launch`; none from the processes recipe.launch starts (their caller reports)
         print(json.dumps(report, indent=2))
+
+
+def _check_processes(n: int | None) -> None:
+    from ..errors import FewstepError
+    if n is not None and n < 1:
+        raise FewstepError(f"--processes is 1 or more, not {n}")
 
 
 def main(argv: list[str] | None = None) -> int:
