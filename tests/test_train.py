@@ -389,12 +389,6 @@ def test_cli_parses_and_rejects():
         with pytest.raises(FewstepError, match="options of the teacher, refine, pairs and swap stages"):
             cmd_train(parser.parse_args(["train", "student", "--out", "x", *extra]))
     assert parser.parse_args(["train", "student", "--out", "x", "--backward-sim", "0.5"]).backward == 0.5
-    with pytest.raises(FewstepError, match="--pool-chain is an option of the student stage"):
-        cmd_train(parser.parse_args(["train", "swap", "--out", "x", "--pool-chain", "0.5"]))
-    with pytest.raises(FewstepError, match="--pool-chain is a probability between 0 and 1, not -1.0"):
-        cmd_train(parser.parse_args(["train", "student", "--out", "x", "--pool-chain", "-1"]))
-    with pytest.raises(FewstepError, match="--scale"):
-        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--pool-chain", "0.5"]))
     with pytest.raises(FewstepError, match="--backward-sim is an option of the student stage"):
         cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--backward-sim", "1"]))
     with pytest.raises(FewstepError, match="--backward-sim is a probability between 0 and 1, not 2.0"):
@@ -457,7 +451,7 @@ def test_launched_processes_get_the_stages_settings(run, monkeypatch):
     for name, value in (("WORLD_SIZE", "2"), ("FEWSTEP_LAUNCHED", "1"), ("ACCELERATE_USE_CPU", "true")):
         monkeypatch.setenv(name, value)  # as a launched process: trains where it is
     for stage, over in (("refine", dict(steps=7, lr=3e-4, stop_at=5, init=str(out / "teacher"), swap=0.5)),
-                        ("student", dict(scale=0.5, two_objects=0.9, backward=0.25, pool_chain=0.5)), ("vae", dict(batch=6))):
+                        ("student", dict(scale=0.5, two_objects=0.9, backward=0.25)), ("vae", dict(batch=6))):
         h = recipe.hyper(stage, True, processes=3, **over)
         cmd = recipe.launch_command(stage, out, True, 3, True, h)
         assert cmd[cmd.index("--num_processes") + 1] == "3"
@@ -519,32 +513,6 @@ def test_own_inputs_are_the_students_own_chain(run):
             want[s == nxt] = x[s == nxt]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.equal(got[0], got[1])
-    g, first = torch.Generator().manual_seed(7), torch.randn((3, *shape), generator=torch.Generator().manual_seed(9))
-    x, want = first, torch.empty_like(first)  # from given noise (the pool's z): the same chain, no draw for its start
-    with torch.no_grad():
-        for t, nxt in zip(STUDENT_TIMESTEPS, STUDENT_TIMESTEPS[1:]):
-            tt = torch.full((3,), t)
-            x = diffuse(to_x0(x, student(x, tt, context), tt, ac, STUDENT_PREDICTION), torch.randn(x.shape, generator=g),
-                        torch.full((3,), nxt), ac)
-            want[s == nxt] = x[s == nxt]
-    got = add.own_inputs(s, context, torch.Generator().manual_seed(7), shape, first=first)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-def test_student_stage_with_chain_regression(run, tmp_path):
-    """--pool-chain 0.5: half the pool rows are also regressed from a later step of the student's own chain; the tiny
-    stage logs that loss beside the one-step regression, and its weights differ from the recipe's run."""
-    from safetensors.torch import load_file
-    from fewstep.train.recipe import run_stage
-    copy = tmp_path / "run"
-    shutil.copytree(run[0], copy, ignore=shutil.ignore_patterns("checkpoints", "logs", "student"))
-    run_stage("student", copy, tiny=True, pool_chain=0.5)
-    rows = [json.loads(line) for line in (copy / "logs" / "student.jsonl").read_text().splitlines()]
-    before = [json.loads(line) for line in (run[0] / "logs" / "student.jsonl").read_text().splitlines()]
-    assert all(r["chain"] > 0 and r["regression"] > 0 for r in rows) and "chain" not in before[0]
-    name = "student/unet/diffusion_pytorch_model.safetensors"
-    new, old = load_file(copy / name), load_file(run[0] / name)
-    assert new.keys() == old.keys() and any(not torch.equal(new[k], old[k]) for k in new)
 
 
 def test_student_stage_without_backward_simulation(run, tmp_path):

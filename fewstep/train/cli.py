@@ -63,9 +63,6 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backward-sim", type=float, default=None, metavar="P", dest="backward",
                    help="student: share of the multi-step rows (t < 999) fed the student's own sampling chain instead "
                    "of a noised real latent (DMD2's backward simulation; default 1, the recipe's; 0: off)")
-    p.add_argument("--pool-chain", type=float, default=None, metavar="P",
-                   help="student: share of the pool rows also regressed onto their teacher sample from a later step "
-                   "of the student's own 4-step chain from their noise (default: the recipe's; 0: off)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
@@ -84,19 +81,18 @@ def cmd_train(a: argparse.Namespace) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
-                                       a.two_objects, a.caption_drop, a.swap, a.backward, a.pool_chain)):
+                                       a.two_objects, a.caption_drop, a.swap, a.backward)):
             raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init/--two-objects/"
-                               "--caption-drop/--swap/--backward-sim/--pool-chain apply to one stage; with 'all' use "
-                               "--scale")
+                               "--caption-drop/--swap/--backward-sim apply to one stage; with 'all' use --scale")
         _check_processes(a.processes)
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n, a.processes)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
                 "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop,
-                "backward": a.backward, "pool_chain": a.pool_chain, "processes": a.processes}
+                "backward": a.backward, "processes": a.processes}
         _check_processes(a.processes)
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop),
-                            ("--backward-sim", a.backward), ("--pool-chain", a.pool_chain)):
+                            ("--backward-sim", a.backward)):
             if value is not None and not 0 <= value <= 1:
                 raise FewstepError(f"{flag} is a probability between 0 and 1, not {value}")
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop)):
@@ -108,9 +104,8 @@ def cmd_train(a: argparse.Namespace) -> None:
                                "pairs and swap stages")
         if a.swap is not None and a.swap < 0:
             raise FewstepError(f"--swap is a weight, 0 or more, not {a.swap}")
-        for flag, value in (("--backward-sim", a.backward), ("--pool-chain", a.pool_chain)):
-            if value is not None and a.stage != "student":
-                raise FewstepError(f"{flag} is an option of the student stage")
+        if a.backward is not None and a.stage != "student":
+            raise FewstepError("--backward-sim is an option of the student stage")
         over.update(teacher_only)
         if a.stage in ONE_PROCESS:
             over = {}

@@ -20,10 +20,6 @@ holds 7% of the data, which a student could learn to lean on. From its one-step 
   of a teacher sample the evaluator read right (pool.py), whose one-step x0 is pulled onto that sample
   by squared error, weighted as one row's distillation (DMD's regression loss, Yin et al. 2024): the
   student learns where the teacher puts each object for a given noise, which neither loss above says.
-* chain regression (with Hyper.pool_chain): that share of the pool rows enters once more, at a later step
-  (749, 499 or 249, drawn evenly) of the 4-step chain the student itself runs from the row's z (no gradient), and is
-  pulled onto the same teacher sample: the one-step regression says where the first step should put the
-  objects; this says where the chain should end when the first step put them elsewhere;
 * backward simulation (with Hyper.backward, 1 in the recipe): a row drawn at s < 999 gets, with
   that probability, not a noised real latent as its input but what the 4-step sampler would give it, the
   student's own chain from pure noise down to s (DMD2's backward simulation, Yin et al. 2024, "Improved
@@ -178,13 +174,11 @@ class ADD:
         return to_x0(xt, uncond + GUIDANCE * (cond - uncond), t, self.ac, "epsilon").clamp(-5, 5)
 
     @torch.no_grad()
-    def own_inputs(self, s: torch.Tensor, context: torch.Tensor, g: torch.Generator, shape: tuple,
-                   first: torch.Tensor | None = None) -> torch.Tensor:
+    def own_inputs(self, s: torch.Tensor, context: torch.Tensor, g: torch.Generator, shape: tuple) -> torch.Tensor:
         """The student's input at each row's s < 999 as the 4-step sampler makes it: its x0 from pure noise at
-        999 (`first`, or drawn from g), re-noised to the next trailing timestep, its x0 there, and so on down to s
-        (no gradient)."""
+        999, re-noised to the next trailing timestep, its x0 there, and so on down to s (no gradient)."""
         model, n = self.stage.accel.unwrap_model(self.model), len(s)
-        x = self.draw(torch.randn((n, *shape), generator=g)) if first is None else first
+        x = self.draw(torch.randn((n, *shape), generator=g))
         t = torch.full((n,), STUDENT_TIMESTEPS[0], device=self.device)
         for nxt in STUDENT_TIMESTEPS[1:]:
             go = s <= nxt  # rows whose chain goes on to nxt
@@ -249,25 +243,16 @@ class ADD:
             top = torch.full((len(b["pool_z"]),), STUDENT_TIMESTEPS[0], device=self.device)
             noise_only = diffuse(torch.zeros_like(b["pool_z"]), b["pool_z"], top, self.ac)
             xs, s = torch.cat([xs, noise_only]), torch.cat([s, top])
-            context, targets = torch.cat([context, b["pool_context"]]), b["pool_x0"]
-            c = int(len(top) * h.pool_chain)
-            if c:  # the first c pool rows again, at a later step of the 4-step chain the student runs from their z
-                g_chain = generator(b["seed"] + 3)
-                sc = self.draw(torch.tensor(STUDENT_TIMESTEPS[1:])[torch.randint(0, 3, (c,), generator=g_chain)])
-                chain = self.own_inputs(sc, b["pool_context"][:c], g_chain, tuple(xs.shape[1:]), first=noise_only[:c])
-                xs, s = torch.cat([xs, chain]), torch.cat([s, sc])
-                context, targets = torch.cat([context, b["pool_context"][:c]]), torch.cat([targets, b["pool_x0"][:c]])
+            context = torch.cat([context, b["pool_context"]])
         x0_all = to_x0(xs, self.model(xs, s, context), s, self.ac, STUDENT_PREDICTION)
         x0_hat = x0_all[:n]
         self.inner_disc.requires_grad_(False)  # the generator step must not touch the discriminator
         grad, logs, (fake, real) = self.generator_grad(x0_hat.detach().requires_grad_(True), b, g)
         surrogate = (x0_hat * grad).sum()  # d/dtheta of this surrogate is J^T grad: the student's gradient
         if "pool_z" in b:
-            per_row = (x0_all[n:] - targets).pow(2).mean(dim=(1, 2, 3))
-            surrogate = surrogate + REGRESSION_WEIGHT * per_row.sum() / n
-            logs["regression"] = per_row[:len(b["pool_z"])].sum().item() / n  # the one-step rows'
-            if c:
-                logs["chain"] = per_row[len(b["pool_z"]):].sum().item() / n
+            regression = (x0_all[n:] - b["pool_x0"]).pow(2).mean(dim=(1, 2, 3)).sum() / n
+            surrogate = surrogate + REGRESSION_WEIGHT * regression
+            logs["regression"] = regression.item()
         self.opt.zero_grad(set_to_none=True)
         accel.backward(surrogate)
         accel.clip_grad_norm_(self.model.parameters(), 1.0)

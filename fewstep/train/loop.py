@@ -42,7 +42,6 @@ class Hyper:
     swap: float = 0.0  # teacher stages: weight of the swap contrast (teacher.denoising_loss; 0: off)
     pool: bool = False  # student: regress one-step samples onto the teacher's pool (train/pool.py)
     backward: float = 0.0  # student: share of multi-step rows fed the student's own sampling chain (0: off)
-    pool_chain: float = 0.0  # student: share of pool rows also regressed from a later step of the student's own chain
     processes: int = 1  # on the CPU, `fewstep train` runs the stage as this many data-parallel processes
     # (recipe.launch: accelerate launch, gradients averaged over gloo; each makes its share of the batch, no worker)
 
