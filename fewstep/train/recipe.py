@@ -40,6 +40,7 @@ OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model
            "pool": "pool/pool.safetensors",
            "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
 TEACHER_STAGES = ("teacher", "refine", "pairs", "swap")  # the stages that train a teacher (train_teacher)
+UNET_STAGES = (*TEACHER_STAGES, "student")  # what `all --processes N` runs on N processes
 ONE_PROCESS = ("tokenizer", "pool", "export")  # no optimiser steps: no Hyper, run by the main process
 # Sampling defaults written to each exported folder's fewstep.json, chosen by bench/sampler_study.py and
 # `fewstep eval` (docs/SHAPES.md, "Sampler study" and "Ninth session"). The teacher: Euler ancestral, whose
@@ -202,14 +203,11 @@ def export_and_score(out: Path, tiny: bool, n: int) -> dict:
     return report
 
 
-UNET_STAGES = (*TEACHER_STAGES, "student")  # what `all --processes N` runs on N processes
-
-
 def run_all(out: Path, tiny: bool = False, seed: int = 0, resume: bool = False, scale: float = 1.0,
             workers: int | None = None, evaluate_n: int = 200, processes: int | None = None) -> dict:
     """Every stage in order (skipping finished ones when resuming); writes OUT/report.json. With `processes`,
-    the UNet stages (the four teacher stages and the student: 16,500 of the 20,300 optimiser steps) train as
-    that many data-parallel processes on the CPU; the CLIP and the VAE keep one (so they give the shipped ones)."""
+    the UNet stages (the four teacher stages and the student: most of the recipe's time) train as that many
+    data-parallel processes on the CPU; the CLIP and the VAE keep one (so they give the shipped ones)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.json"
