@@ -79,18 +79,18 @@ def cmd_train(a: argparse.Namespace) -> None:
     from .recipe import ONE_PROCESS, TEACHER_STAGES, run_all, run_stage
     if a.cpu:  # accelerate's own switch (`accelerate launch --cpu` sets it too), read by common.on_cpu
         os.environ["ACCELERATE_USE_CPU"] = "true"
+    if a.processes is not None and a.processes < 1:
+        raise FewstepError(f"--processes is 1 or more, not {a.processes}")
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
                                        a.two_objects, a.caption_drop, a.swap, a.backward)):
             raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init/--two-objects/"
                                "--caption-drop/--swap/--backward-sim apply to one stage; with 'all' use --scale")
-        _check_processes(a.processes)
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n, a.processes)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
                 "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop,
                 "backward": a.backward, "processes": a.processes}
-        _check_processes(a.processes)
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop),
                             ("--backward-sim", a.backward)):
             if value is not None and not 0 <= value <= 1:
@@ -113,12 +113,6 @@ def cmd_train(a: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("FEWSTEP_LAUNCHED"):  # one report, also
         # under `accelerate launch`; none from the processes recipe.launch starts (their caller reports)
         print(json.dumps(report, indent=2))
-
-
-def _check_processes(n: int | None) -> None:
-    from ..errors import FewstepError
-    if n is not None and n < 1:
-        raise FewstepError(f"--processes is 1 or more, not {n}")
 
 
 def main(argv: list[str] | None = None) -> int:
