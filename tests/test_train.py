@@ -395,6 +395,13 @@ def test_cli_parses_and_rejects():
         cmd_train(parser.parse_args(["train", "student", "--out", "x", "--backward-sim", "2"]))
     with pytest.raises(FewstepError, match="--scale"):
         cmd_train(parser.parse_args(["train", "all", "--out", "x", "--backward-sim", "1"]))
+    assert parser.parse_args(["train", "student", "--out", "x", "--one-step", "0.7"]).one_step == 0.7
+    with pytest.raises(FewstepError, match="--one-step is an option of the student stage"):
+        cmd_train(parser.parse_args(["train", "swap", "--out", "x", "--one-step", "0.7"]))
+    with pytest.raises(FewstepError, match="--one-step is a probability between 0 and 1, not -0.1"):
+        cmd_train(parser.parse_args(["train", "student", "--out", "x", "--one-step", "-0.1"]))
+    with pytest.raises(FewstepError, match="--scale"):
+        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--one-step", "0.7"]))
     with pytest.raises(FewstepError, match="--swap is a weight, 0 or more, not -1.0"):
         cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--swap", "-1"]))
     with pytest.raises(FewstepError, match="--scale"):
@@ -451,7 +458,8 @@ def test_launched_processes_get_the_stages_settings(run, monkeypatch):
     for name, value in (("WORLD_SIZE", "2"), ("FEWSTEP_LAUNCHED", "1"), ("ACCELERATE_USE_CPU", "true")):
         monkeypatch.setenv(name, value)  # as a launched process: trains where it is
     for stage, over in (("refine", dict(steps=7, lr=3e-4, stop_at=5, init=str(out / "teacher"), swap=0.5)),
-                        ("student", dict(scale=0.5, two_objects=0.9, backward=0.25)), ("vae", dict(batch=6))):
+                        ("student", dict(scale=0.5, two_objects=0.9, backward=0.25, one_step=0.7)),
+                        ("vae", dict(batch=6))):
         h = recipe.hyper(stage, True, processes=3, **over)
         cmd = recipe.launch_command(stage, out, True, 3, True, h)
         assert cmd[cmd.index("--num_processes") + 1] == "3"
@@ -513,6 +521,20 @@ def test_own_inputs_are_the_students_own_chain(run):
             want[s == nxt] = x[s == nxt]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.equal(got[0], got[1])
+
+
+def test_the_students_one_step_share():
+    """--one-step P (Hyper.one_step): P of the rows at t = 999, the rest evenly over 749 / 499 / 249; unset, the
+    recipe's STUDENT_WEIGHTS, drawn as before."""
+    from fewstep.train.common import generator
+    from fewstep.train.distill import STUDENT_TIMESTEPS, STUDENT_WEIGHTS, student_timesteps, student_weights
+    assert student_weights() is STUDENT_WEIGHTS == (0.85, 0.05, 0.05, 0.05)
+    assert student_weights(0.7) == pytest.approx((0.7, 0.1, 0.1, 0.1))
+    assert torch.equal(student_timesteps(64, generator(3)), student_timesteps(64, generator(3), None))
+    assert student_timesteps(64, generator(3), 1.0).tolist() == [999] * 64
+    drawn = student_timesteps(20000, generator(3), 0.4)
+    shares = [(drawn == t).float().mean().item() for t in STUDENT_TIMESTEPS]
+    assert shares == pytest.approx([0.4, 0.2, 0.2, 0.2], abs=0.015)
 
 
 def test_student_stage_without_backward_simulation(run, tmp_path):

@@ -63,6 +63,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backward-sim", type=float, default=None, metavar="P", dest="backward",
                    help="student: share of the multi-step rows (t < 999) fed the student's own sampling chain instead "
                    "of a noised real latent (DMD2's backward simulation; default 1, the recipe's; 0: off)")
+    p.add_argument("--one-step", type=float, default=None, metavar="P", dest="one_step",
+                   help="student: share of the batch rows trained at t = 999 (the 1-step case), the rest evenly at "
+                   "749 / 499 / 249 (default: the recipe's 0.85)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
@@ -83,16 +86,17 @@ def cmd_train(a: argparse.Namespace) -> None:
         raise FewstepError(f"--processes is 1 or more, not {a.processes}")
     if a.stage == "all":
         if any(v is not None for v in (a.steps, a.batch, a.lr, a.stop_at, a.text_layers, a.offset_noise, a.init,
-                                       a.two_objects, a.caption_drop, a.swap, a.backward)):
+                                       a.two_objects, a.caption_drop, a.swap, a.backward, a.one_step)):
             raise FewstepError("--steps/--batch/--lr/--stop-at/--text-layers/--offset-noise/--init/--two-objects/"
-                               "--caption-drop/--swap/--backward-sim apply to one stage; with 'all' use --scale")
+                               "--caption-drop/--swap/--backward-sim/--one-step apply to one stage; with 'all' use "
+                               "--scale")
         report = run_all(a.out, a.tiny, a.seed, a.resume, a.scale, a.workers, a.evaluate_n, a.processes)
     else:
         over = {"steps": a.steps, "batch": a.batch, "lr": a.lr, "workers": a.workers, "scale": a.scale,
                 "stop_at": a.stop_at, "two_objects": a.two_objects, "caption_drop": a.caption_drop,
-                "backward": a.backward, "processes": a.processes}
+                "backward": a.backward, "one_step": a.one_step, "processes": a.processes}
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop),
-                            ("--backward-sim", a.backward)):
+                            ("--backward-sim", a.backward), ("--one-step", a.one_step)):
             if value is not None and not 0 <= value <= 1:
                 raise FewstepError(f"{flag} is a probability between 0 and 1, not {value}")
         for flag, value in (("--two-objects", a.two_objects), ("--caption-drop", a.caption_drop)):
@@ -104,8 +108,9 @@ def cmd_train(a: argparse.Namespace) -> None:
                                "pairs and swap stages")
         if a.swap is not None and a.swap < 0:
             raise FewstepError(f"--swap is a weight, 0 or more, not {a.swap}")
-        if a.backward is not None and a.stage != "student":
-            raise FewstepError("--backward-sim is an option of the student stage")
+        for flag, value in (("--backward-sim", a.backward), ("--one-step", a.one_step)):
+            if value is not None and a.stage != "student":
+                raise FewstepError(f"{flag} is an option of the student stage")
         over.update(teacher_only)
         if a.stage in ONE_PROCESS:
             over = {}

@@ -229,7 +229,7 @@ class ADD:
         set_lr(self.d_opt, warmup_lr(step, self.disc_lr, h.warmup, h.steps, decay=False))
         g = generator(b["seed"] + 1)
         n = len(b["latents"])
-        s = self.draw(student_timesteps(n, g))
+        s = self.draw(student_timesteps(n, g, h.one_step))
         multi = s != STUDENT_TIMESTEPS[0]  # the multi-step rows; at t = 999 the input is pure noise
         real = b["latents"] * multi.view(-1, 1, 1, 1)
         xs = diffuse(real, self.draw(torch.randn(real.shape, generator=g)), s, self.ac)
@@ -266,8 +266,16 @@ class ADD:
         return {**logs, **d_logs}
 
 
-def student_timesteps(n: int, g: torch.Generator) -> torch.Tensor:
-    idx = torch.multinomial(torch.tensor(STUDENT_WEIGHTS), n, replacement=True, generator=g)
+def student_weights(one_step: float | None = None) -> tuple[float, ...]:
+    """The draw's weights of STUDENT_TIMESTEPS: STUDENT_WEIGHTS, or `one_step` at t = 999 and the rest evenly."""
+    if one_step is None:
+        return STUDENT_WEIGHTS
+    rest = (1 - one_step) / (len(STUDENT_TIMESTEPS) - 1)
+    return (one_step,) + (rest,) * (len(STUDENT_TIMESTEPS) - 1)
+
+
+def student_timesteps(n: int, g: torch.Generator, one_step: float | None = None) -> torch.Tensor:
+    idx = torch.multinomial(torch.tensor(student_weights(one_step)), n, replacement=True, generator=g)
     return torch.tensor(STUDENT_TIMESTEPS)[idx]
 
 

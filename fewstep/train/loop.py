@@ -42,6 +42,8 @@ class Hyper:
     swap: float = 0.0  # teacher stages: weight of the swap contrast (teacher.denoising_loss; 0: off)
     pool: bool = False  # student: regress one-step samples onto the teacher's pool (train/pool.py)
     backward: float = 0.0  # student: share of multi-step rows fed the student's own sampling chain (0: off)
+    one_step: float | None = None  # student: share of batch rows drawn at t = 999, the rest evenly at 749 / 499 / 249
+    # (None: distill.STUDENT_WEIGHTS)
     processes: int = 1  # on the CPU, `fewstep train` runs the stage as this many data-parallel processes
     # (recipe.launch: accelerate launch, gradients averaged over gloo; each makes its share of the batch, no worker)
 

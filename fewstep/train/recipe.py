@@ -124,7 +124,8 @@ def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h
         flags += [("--text-layers", h.text_layers), ("--offset-noise", h.offset_noise), ("--init", h.init),
                   ("--two-objects", h.two_objects), ("--caption-drop", h.caption_drop), ("--swap", h.swap)]
     elif stage == "student":
-        flags += [("--two-objects", h.two_objects), ("--caption-drop", h.caption_drop), ("--backward-sim", h.backward)]
+        flags += [("--two-objects", h.two_objects), ("--caption-drop", h.caption_drop), ("--backward-sim", h.backward),
+                  ("--one-step", h.one_step)]
     cmd += [str(x) for flag, value in flags if value is not None for x in (flag, value)]
     return cmd + ["--tiny"] * tiny + ["--resume"] * resume
 
