@@ -388,20 +388,14 @@ def test_cli_parses_and_rejects():
     for extra in (["--init", "runs/a/teacher"], ["--offset-noise", "0.1"], ["--swap", "1"]):
         with pytest.raises(FewstepError, match="options of the teacher, refine, pairs and swap stages"):
             cmd_train(parser.parse_args(["train", "student", "--out", "x", *extra]))
-    assert parser.parse_args(["train", "student", "--out", "x", "--backward-sim", "0.5"]).backward == 0.5
-    with pytest.raises(FewstepError, match="--backward-sim is an option of the student stage"):
-        cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--backward-sim", "1"]))
-    with pytest.raises(FewstepError, match="--backward-sim is a probability between 0 and 1, not 2.0"):
-        cmd_train(parser.parse_args(["train", "student", "--out", "x", "--backward-sim", "2"]))
-    with pytest.raises(FewstepError, match="--scale"):
-        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--backward-sim", "1"]))
-    assert parser.parse_args(["train", "student", "--out", "x", "--one-step", "0.7"]).one_step == 0.7
-    with pytest.raises(FewstepError, match="--one-step is an option of the student stage"):
-        cmd_train(parser.parse_args(["train", "swap", "--out", "x", "--one-step", "0.7"]))
-    with pytest.raises(FewstepError, match="--one-step is a probability between 0 and 1, not -0.1"):
-        cmd_train(parser.parse_args(["train", "student", "--out", "x", "--one-step", "-0.1"]))
-    with pytest.raises(FewstepError, match="--scale"):
-        cmd_train(parser.parse_args(["train", "all", "--out", "x", "--one-step", "0.7"]))
+    for flag, dest in (("--backward-sim", "backward"), ("--one-step", "one_step")):  # the student's own options
+        assert getattr(parser.parse_args(["train", "student", "--out", "x", flag, "0.5"]), dest) == 0.5
+        with pytest.raises(FewstepError, match=f"{flag} is an option of the student stage"):
+            cmd_train(parser.parse_args(["train", "pairs", "--out", "x", flag, "1"]))
+        with pytest.raises(FewstepError, match=f"{flag} is a probability between 0 and 1, not -0.1"):
+            cmd_train(parser.parse_args(["train", "student", "--out", "x", flag, "-0.1"]))
+        with pytest.raises(FewstepError, match="--scale"):
+            cmd_train(parser.parse_args(["train", "all", "--out", "x", flag, "1"]))
     with pytest.raises(FewstepError, match="--swap is a weight, 0 or more, not -1.0"):
         cmd_train(parser.parse_args(["train", "pairs", "--out", "x", "--swap", "-1"]))
     with pytest.raises(FewstepError, match="--scale"):
