@@ -522,10 +522,10 @@ def test_the_students_one_step_share():
     recipe's STUDENT_WEIGHTS."""
     from fewstep.train.common import generator
     from fewstep.train.distill import STUDENT_TIMESTEPS, STUDENT_WEIGHTS, student_timesteps, student_weights
-    assert student_weights() is STUDENT_WEIGHTS == (0.85, 0.05, 0.05, 0.05)
-    assert student_weights(0.7) == pytest.approx((0.7, 0.1, 0.1, 0.1))
-    for share, weights in ((0.85, STUDENT_WEIGHTS), (0.7, (0.7, 0.1, 0.1, 0.1))):  # a share gives the same draws as
-        # its weights written out: --one-step 0.85 is the recipe's student, 0.7 the 25th session's (docs/SHAPES.md)
+    assert student_weights() is STUDENT_WEIGHTS == (0.7, 0.1, 0.1, 0.1)
+    assert student_weights(0.85) == pytest.approx((0.85, 0.05, 0.05, 0.05))
+    for share, weights in ((0.7, STUDENT_WEIGHTS), (0.85, (0.85, 0.05, 0.05, 0.05))):  # a share gives the same draws
+        # as its weights written out: 0.7 is the recipe's student, 0.85 the one-process recipe's (docs/SHAPES.md)
         idx = torch.multinomial(torch.tensor(weights), 64, replacement=True, generator=generator(3))
         assert torch.equal(student_timesteps(64, generator(3), share), torch.tensor(STUDENT_TIMESTEPS)[idx])
     assert student_timesteps(64, generator(3), 1.0).tolist() == [999] * 64

@@ -65,7 +65,7 @@ def _args(p: argparse.ArgumentParser) -> None:
                    "of a noised real latent (DMD2's backward simulation; default 1, the recipe's; 0: off)")
     p.add_argument("--one-step", type=float, default=None, metavar="P", dest="one_step",
                    help="student: share of the batch rows trained at t = 999 (the 1-step case), the rest evenly at "
-                   "749 / 499 / 249 (default: the recipe's 0.85)")
+                   "749 / 499 / 249 (default: the recipe's 0.7)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 

@@ -58,8 +58,8 @@ from .sizes import Sizes
 from .teacher import GUIDANCE, LatentData, diffuse, teacher_folder, text_encoder_folder
 
 STUDENT_TIMESTEPS = (999, 749, 499, 249)  # trailing spacing of 4 steps: what the exported scheduler uses
-STUDENT_WEIGHTS = (0.85, 0.05, 0.05, 0.05)  # t = 999 (one step) drawn most: 0.85 beat 0.7 and 0.4 at one step;
-# with 4,000 student steps four steps stay where 0.7 had them (docs/SHAPES.md, 19th-20th sessions)
+STUDENT_WEIGHTS = (0.7, 0.1, 0.1, 0.1)  # t = 999 (one step) drawn most; on the two-process recipe's teacher 0.7
+# beat the one-process recipe's 0.85 at 4 steps and kept the one-step target (docs/SHAPES.md, 25th-26th sessions)
 DISTILL_WEIGHT = 2.5  # lambda of ADD
 DISC_MAX_T = 700  # the discriminator sees latents re-noised to t ~ U[0, 700)
 ADV_BALANCE = 1.0  # adversarial gradient norm / distillation gradient norm at x0_hat

@@ -54,20 +54,21 @@ TINY = Sizes(
     unet=_unet((8, 16), (False, True), (1, 2), context=32, groups=4, sample=8),
 )
 
-# Per-stage defaults. Steps are optimiser steps; batch is the global batch.
+# Per-stage defaults. Steps are optimiser steps; batch is the global batch. The UNet stages run as 2 data-parallel
+# processes on the CPU (one on a GPU): the recipe in under 2 hours on a 2-core CPU (docs/SHAPES.md, 26th session).
 SETTINGS = {
     "full": {
         "clip": Hyper(steps=800, batch=128, lr=1e-3, warmup=100),
         "vae": Hyper(steps=3000, batch=16, lr=1e-3, warmup=100),
-        "teacher": Hyper(steps=4500, batch=32, lr=5e-4, warmup=200, workers=1, preview_every=500),
+        "teacher": Hyper(steps=2000, batch=32, lr=5e-4, warmup=200, workers=1, preview_every=500, processes=2),
         "refine": Hyper(steps=5000, batch=32, lr=6e-4, warmup=200, workers=1, preview_every=500, text_layers=4,
-                        offset_noise=0.1),
+                        offset_noise=0.1, processes=2),
         "pairs": Hyper(steps=2000, batch=32, lr=2e-4, warmup=200, workers=1, preview_every=500, text_layers=4,
-                       offset_noise=0.1, two_objects=0.8, caption_drop=0.15),
+                       offset_noise=0.1, two_objects=0.8, caption_drop=0.15, processes=2),
         "swap": Hyper(steps=2000, batch=32, lr=2e-4, warmup=200, workers=1, preview_every=500, text_layers=4,
-                      offset_noise=0.1, two_objects=0.8, caption_drop=0.15, swap=1.0),
+                      offset_noise=0.1, two_objects=0.8, caption_drop=0.15, swap=1.0, processes=2),
         "student": Hyper(steps=3000, batch=32, lr=1e-4, warmup=50, workers=1, preview_every=250, pool=True,
-                         backward=1.0),
+                         backward=1.0, processes=2),
     },
     "tiny": {
         "clip": Hyper(steps=6, batch=8, lr=1e-3, warmup=2, log_every=2, ckpt_every=3),
