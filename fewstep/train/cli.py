@@ -1,8 +1,8 @@
 """`fewstep train STAGE --out DIR ...`: the shapes-turbo training recipe from the command line.
 
-    fewstep train all --out runs/shapes                 # the whole recipe (2.3-3 h on 2 CPU cores)
+    fewstep train all --out runs/shapes                 # the whole recipe (about 2 h on 2 CPU cores)
     fewstep train teacher --out runs/shapes --resume    # one stage, continued from its checkpoint
-    fewstep train refine --out runs/shapes --processes 2  # one stage as 2 data-parallel CPU processes
+    fewstep train refine --out runs/shapes --processes 1  # one process (the UNet stages' default: 2 on the CPU)
     accelerate launch --multi_gpu --num_processes 2 -m fewstep.train.cli vae --out runs/shapes  # 2 GPUs
 
 Training runs on the GPU when there is one (`--cpu`: on the CPU anyway), one GPU per process under
