@@ -474,6 +474,17 @@ def test_all_runs_the_unet_stages_on_the_processes_asked(tmp_path, monkeypatch):
     assert recipe.UNET_STAGES == ("teacher", "refine", "pairs", "swap", "student")
 
 
+def test_the_recipe_trains_its_unet_stages_on_two_processes():
+    """The full recipe's default (docs/SHAPES.md, 26th session): the UNet stages on 2 CPU processes, the CLIP and the
+    VAE on one; `--processes 1` (an override) gives one; the tiny smoke settings keep one."""
+    from fewstep.train import recipe
+    assert {s: recipe.hyper(s, False).processes for s in ("clip", "vae", *recipe.UNET_STAGES)} == {
+        "clip": 1, "vae": 1, "teacher": 2, "refine": 2, "pairs": 2, "swap": 2, "student": 2}
+    assert recipe.hyper("teacher", False, processes=1).processes == 1
+    assert {recipe.hyper(s, True).processes for s in recipe.UNET_STAGES} == {1}
+    assert recipe.hyper("teacher", False).steps == 2000
+
+
 def test_pool_rows_split_over_processes_like_the_batch(run, monkeypatch):
     """Each process draws its share of a step's POOL_ROWS, as of its batch rows: one process of batch 32 all 8, each
     of two 4; the student stage's data stream gets that share (a stage of 2 rows a process of a batch of 4: 4)."""
