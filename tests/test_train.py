@@ -594,6 +594,23 @@ def test_latent_data_draws_the_stage_mix(run):
     assert plain == batch(seed_for(0, "teacher", 3), 6, size=TINY.image)[1]
 
 
+def test_latent_data_encodes_in_bf16_where_the_cpu_has_it(run):
+    """The data stream's VAE encoder runs under bf16 autocast when `native_bf16("cpu")` (the recipe's setting, docs/
+    SHAPES.md 24th-26th sessions): fp32 latents a little off the fp32 encoder's, same captions; off, exactly fp32."""
+    from fewstep.pipeline import native_bf16
+    from fewstep.train.sizes import TINY
+    from fewstep.train.teacher import LatentData
+    data = LatentData(run[0], "teacher", TINY, 0, 6, 0, 0.0, run[0] / "clip" / "text_encoder")
+    assert data.bf16 == native_bf16("cpu")
+    data.bf16 = False
+    fp32 = data(3)
+    data.bf16 = True  # autocast runs bf16 on any CPU (emulated where it is not native)
+    bf16 = data(3)
+    assert bf16["latents"].dtype == torch.float32 and bf16["captions"] == fp32["captions"]
+    err = (bf16["latents"] - fp32["latents"]).abs().max() / fp32["latents"].std()
+    assert 0 < err < 0.1, err
+
+
 def test_missing_input_names_the_stage_to_run(tmp_path):
     from fewstep.train.recipe import run_stage
     with pytest.raises(FewstepError, match=r"needs .*tokenizer/vocab\.json: run `fewstep train tokenizer"):
