@@ -606,7 +606,7 @@ def test_latent_data_encodes_in_bf16_where_the_cpu_has_it(run):
     fp32 = data(3)
     data.bf16 = True  # autocast runs bf16 on any CPU (emulated where it is not native)
     bf16 = data(3)
-    assert bf16["latents"].dtype == torch.float32 and bf16["captions"] == fp32["captions"]
+    assert fp32["latents"].dtype == bf16["latents"].dtype == torch.float32 and bf16["captions"] == fp32["captions"]
     err = (bf16["latents"] - fp32["latents"]).abs().max() / fp32["latents"].std()
     assert 0 < err < 0.1, err
 
