@@ -3,18 +3,13 @@
     import fewstep
     pipe = fewstep.load("path/to/model")          # diffusers folder, single-file checkpoint or hub id
     images = pipe("a photo of a cat", steps=1, guidance=0.0, seed=0)
+
+docs/ARCHITECTURE.md draws the packages and the path of one prompt through them.
 """
 
-__version__ = "0.1.0"
+from .api import load, load_autoencoder
+from .errors import FewstepError
+from .pipeline import Pipeline
+from .version import __version__
 
-
-def load(*args, **kwargs):
-    """Load a text-to-image pipeline; see `fewstep.loading.load`."""
-    from .loading import load as _load
-    return _load(*args, **kwargs)
-
-
-def load_autoencoder(*args, **kwargs):
-    """Load an autoencoder (AutoencoderKL, AutoencoderTiny or TAESD files); see `fewstep.loading`."""
-    from .loading import load_autoencoder as _load_autoencoder
-    return _load_autoencoder(*args, **kwargs)
+__all__ = ["FewstepError", "Pipeline", "__version__", "load", "load_autoencoder"]

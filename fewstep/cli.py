@@ -15,7 +15,21 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from .api import load
+from .bench.harness import SCHEMES, Options, Settings, parse_cache, run_bench
+from .bench.report import table
 from .errors import FewstepError
+from .inspect.compare import compare, render_compare
+from .inspect.measure import inspect_model
+from .inspect.report import render
+from .inspect.svg import write_diagram
+from .shapes.evaluate import failures
+from .shapes.metrics import eval_set, evaluate, markdown, sample_grid
+from .speed.quantize import quantize
+from .train.cli import add_train_parser, cmd_train
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +63,6 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 def _quantize_args(p) -> None:
     """--quantize and --quantize-parts, for generate and bench (`_parts` reads the latter)."""
-    from .bench import SCHEMES  # no torch import: the parser stays fast
     p.add_argument("--quantize", default=None, choices=SCHEMES, help="int8-cpu: oneDNN int8 on x86 CPUs")
     p.add_argument("--quantize-parts", default="unet", metavar="PARTS",
                    help="what --quantize quantizes, comma-separated: unet, text, decoder (default unet)")
@@ -71,7 +84,6 @@ def _output_paths(output: str, n: int, seed: int) -> list[Path]:
 
 def save_png(image, path: Path, parameters: str) -> None:
     """Write a PNG atomically, with the generation settings in its "parameters" text chunk."""
-    from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     info.add_text("parameters", parameters)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,14 +101,10 @@ def save_png(image, path: Path, parameters: str) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    import torch
-
-    import fewstep
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    pipe = fewstep.load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
+    pipe = load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
                         decoder=a.decoder, token_downsample=a.token_downsample)
     if a.quantize:
-        from .quantize import quantize
         quantize(pipe, a.quantize, _parts(a.quantize_parts))
     paths = _output_paths(a.output, a.num_images, a.seed)
     images = pipe(a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance, sampler=a.sampler,
@@ -105,7 +113,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     d = pipe.defaults
     for i, (image, path) in enumerate(zip(images, paths)):
         params = (f"{a.prompt}\nNegative prompt: {a.negative_prompt or ''}\n"
-                  f"Steps: {a.steps or d.steps}, Sampler: {a.sampler or d.sampler or pipe.scheduler.sampler}, "
+                  f"Steps: {a.steps or d.steps}, Sampler: {a.sampler or d.sampler}, "
                   f"CFG scale: {d.guidance if a.guidance is None else a.guidance}, Seed: {a.seed + i}, "
                   f"Size: {image.width}x{image.height}, Model: {pipe.name}")
         save_png(image, path, params)
@@ -128,19 +136,15 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_inspect(a: argparse.Namespace) -> None:
-    from .inspect import inspect_model
-    from .inspect_report import render
     if a.depth is not None and a.depth < 1:
         raise FewstepError(f"--depth must be at least 1, got {a.depth}")
     report = inspect_model(a.model, a.resolution, a.batch, a.dtype, a.steps)
     if a.compare:
-        from .inspect_compare import compare, render_compare
         other = inspect_model(a.compare, report.resolution, a.batch, a.dtype, a.steps)
         text = render_compare(compare(report, other), a.format)
     else:
         text = render(report, a.format, a.depth)
     if a.diagram:
-        from .inspect_svg import write_diagram
         write_diagram(report, a.diagram)
         print(f"wrote {a.diagram}", file=sys.stderr)
     if a.output:
@@ -165,7 +169,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def why_line(steps: int, prompts: list[str], images) -> str:
     """'4 steps, wrong: 1-object: extra object 5, ...; 2-object: position 38, ...' (most common first)."""
-    from .shapes.evaluate import failures
     counts = failures(prompts, list(images))
     parts = [f"{n}-object: " + (", ".join(f"{k} {v}" for k, v in counts[n].most_common() if k != "right") or "none")
              for n in (1, 2) if sum(counts[n].values())]
@@ -173,10 +176,7 @@ def why_line(steps: int, prompts: list[str], images) -> str:
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    import fewstep
-
-    from .evaluation import eval_set, evaluate, markdown, sample_grid
-    pipe = fewstep.load(a.model)
+    pipe = load(a.model)
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [pipe.defaults.steps]
     prompts, clip, reference = eval_set(a.seed, a.n, not a.no_clip, a.clip)
     results, columns = [], {}
@@ -217,7 +217,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-downsample", type=int, default=1, metavar="F", help="ToDo: self-attention keys and "
                    "values from FxF-pooled tokens at the highest resolution (2 in its paper; default 1: off)")
     p.add_argument("--keep-memory", action="store_true", help="glibc malloc keeps freed memory for the next "
-                   "tensors (fewstep.accel.keep_memory; fewstep's process only)")
+                   "tensors (fewstep.speed.accel.keep_memory; fewstep's process only)")
     _quantize_args(p)
     p.add_argument("--runs", type=int, default=3, help="timed images per process")
     p.add_argument("--warmup", type=int, default=1, help="untimed images first, per process")
@@ -230,8 +230,6 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(a: argparse.Namespace) -> None:
-    from .bench import Options, Settings, parse_cache, run_bench
-    from .bench_report import table
     options = Options(a.model, a.random_weights, a.work_dir, a.compare, a.runs, a.warmup, a.rounds, a.threads, a.seed)
     settings = Settings(a.resolution, a.steps, a.batch, a.guidance, a.device, a.dtype, a.channels_last, a.fuse_qkv,
                         a.decoder, a.compile, a.compile_mode, parse_cache(a.cache), a.quantize,
@@ -257,7 +255,6 @@ def main(argv: list[str] | None = None) -> int:
     _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
     _eval_args(sub.add_parser("eval", help="accuracy, tiny-CLIP score, Fréchet distance and speed of a shapes model"))
     _bench_args(sub.add_parser("bench", help="load, encode, step, decode and end-to-end time, memory; vs diffusers"))
-    from .train.cli import add_train_parser, cmd_train
     add_train_parser(sub)
     a = parser.parse_args(argv)
     _one_line_warnings()

@@ -94,43 +94,21 @@ class UNetConfig:
         return self.block_out_channels[0] * 4
 
     @property
+    def top_attention_level(self) -> int:
+        """The highest-resolution level with a transformer (the mid block's level when no other has one)."""
+        n = len(self.block_out_channels)
+        return min((lv for lv in range(n) if self.down_attention[lv] or self.up_attention[n - 1 - lv]), default=n - 1)
+
+    @property
     def head_dims(self) -> tuple[int, ...]:
         return tuple(c // h for c, h in zip(self.block_out_channels, self.num_heads))
 
     @classmethod
     def from_diffusers(cls, d: dict) -> UNetConfig:
-        what = "UNet config"
-        down, up = d.get("down_block_types", []), d.get("up_block_types", [])
+        down, up, mid = _unet_block_types(d)
         n = len(down)
-        if n == 0 or len(up) != n:
-            raise FewstepError(f"{what}: down_block_types and up_block_types must be non-empty and equal length")
-        for t in down:
-            if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-                raise FewstepError(f"{what}: down block type {t!r} is not supported")
-        for t in up:
-            if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
-                raise FewstepError(f"{what}: up block type {t!r} is not supported")
-        mid = d.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-        if mid not in ("UNetMidBlock2DCrossAttn", None):
-            raise FewstepError(f"{what}: mid_block_type {mid!r} is not supported")
-        for key, allowed in (("class_embed_type", (None,)), ("encoder_hid_dim_type", (None,)),
-                             ("resnet_time_scale_shift", ("default",)), ("act_fn", ("silu",)),
-                             ("time_embedding_type", ("positional",)), ("dual_cross_attention", (False,)),
-                             ("addition_embed_type", (None, "text_time")), ("conv_in_kernel", (3,)),
-                             ("conv_out_kernel", (3,)), ("center_input_sample", (False,)),
-                             ("downsample_padding", (1,)), ("mid_block_scale_factor", (1, 1.0)),
-                             ("num_class_embeds", (None,)), ("reverse_transformer_layers_per_block", (None,)),
-                             ("attention_type", ("default",)), ("resnet_out_scale_factor", (1.0, 1)),
-                             ("time_embedding_dim", (None,)), ("timestep_post_act", (None,))):
-            _reject(d, key, allowed, what)
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)
         depth = d.get("transformer_layers_per_block", 1)
-        if isinstance(depth, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in depth):
-            raise FewstepError(f"{what}: nested transformer_layers_per_block is not supported")
-        oca = d.get("only_cross_attention", False)
-        if d.get("mid_block_only_cross_attention") not in (None, False) or (
-                mid and isinstance(oca, bool) and oca):
-            raise FewstepError(f"{what}: cross-only attention in the mid block is not supported")
         text_time = d.get("addition_embed_type") == "text_time"
         return cls(
             in_channels=d.get("in_channels", 4),
@@ -141,7 +119,7 @@ class UNetConfig:
             layers_per_block=_per_level(d.get("layers_per_block", 2), n, "layers_per_block"),
             transformer_depth=_per_level(depth, n, "transformer_layers_per_block"),
             num_heads=_per_level(heads, n, "attention_head_dim"),
-            only_cross_attention=_per_level(oca, n, "only_cross_attention"),
+            only_cross_attention=_per_level(d.get("only_cross_attention", False), n, "only_cross_attention"),
             cross_attention_dim=d.get("cross_attention_dim", 1280),
             use_linear_projection=bool(d.get("use_linear_projection", False)),
             upcast_attention=bool(d.get("upcast_attention") or False),
@@ -156,6 +134,45 @@ class UNetConfig:
             time_cond_proj_dim=d.get("time_cond_proj_dim"),
             sample_size=d.get("sample_size", 64),
         )
+
+
+# UNet2DConditionModel options fewstep does not build, each with the only value(s) it accepts.
+UNET_FIXED = (("class_embed_type", (None,)), ("encoder_hid_dim_type", (None,)),
+              ("resnet_time_scale_shift", ("default",)), ("act_fn", ("silu",)),
+              ("time_embedding_type", ("positional",)), ("dual_cross_attention", (False,)),
+              ("addition_embed_type", (None, "text_time")), ("conv_in_kernel", (3,)),
+              ("conv_out_kernel", (3,)), ("center_input_sample", (False,)),
+              ("downsample_padding", (1,)), ("mid_block_scale_factor", (1, 1.0)),
+              ("num_class_embeds", (None,)), ("reverse_transformer_layers_per_block", (None,)),
+              ("attention_type", ("default",)), ("resnet_out_scale_factor", (1.0, 1)),
+              ("time_embedding_dim", (None,)), ("timestep_post_act", (None,)))
+
+
+def _unet_block_types(d: dict) -> tuple[list, list, str | None]:
+    """(down block types, up block types, mid block type) of a diffusers UNet config, after checking
+    that fewstep builds every block and option it names."""
+    what = "UNet config"
+    down, up = d.get("down_block_types", []), d.get("up_block_types", [])
+    if not down or len(up) != len(down):
+        raise FewstepError(f"{what}: down_block_types and up_block_types must be non-empty and equal length")
+    for t in down:
+        if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+            raise FewstepError(f"{what}: down block type {t!r} is not supported")
+    for t in up:
+        if t not in ("CrossAttnUpBlock2D", "UpBlock2D"):
+            raise FewstepError(f"{what}: up block type {t!r} is not supported")
+    mid = d.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid not in ("UNetMidBlock2DCrossAttn", None):
+        raise FewstepError(f"{what}: mid_block_type {mid!r} is not supported")
+    for key, allowed in UNET_FIXED:
+        _reject(d, key, allowed, what)
+    depth = d.get("transformer_layers_per_block", 1)
+    if isinstance(depth, (list, tuple)) and any(isinstance(x, (list, tuple)) for x in depth):
+        raise FewstepError(f"{what}: nested transformer_layers_per_block is not supported")
+    oca = d.get("only_cross_attention", False)
+    if d.get("mid_block_only_cross_attention") not in (None, False) or (mid and isinstance(oca, bool) and oca):
+        raise FewstepError(f"{what}: cross-only attention in the mid block is not supported")
+    return down, up, mid
 
 
 @dataclass(frozen=True)
@@ -249,19 +266,6 @@ class CLIPTextConfig:
         return cls(**kw)
 
 
-SAMPLER_OF_SCHEDULER = {
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "HeunDiscreteScheduler": "heun",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddpm",
-    "LCMScheduler": "lcm",
-    "PNDMScheduler": "euler",  # fewstep has no PLMS; Euler is the usual stand-in
-    "LMSDiscreteScheduler": "euler",
-}
-
-
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The training noise schedule and the shipped sampling defaults (a diffusers scheduler config)."""
@@ -276,7 +280,7 @@ class SchedulerConfig:
     steps_offset: int = 0
     use_karras_sigmas: bool = False
     set_alpha_to_one: bool = False  # DDIM: the final step's alpha
-    sampler: str = "euler"  # default sampler name, from the scheduler class
+    class_name: str = "EulerDiscreteScheduler"  # the diffusers scheduler: which sampler the model ships with
     original_inference_steps: int = 50  # LCM
     timestep_scaling: float = 10.0  # LCM boundary condition
 
@@ -293,8 +297,34 @@ class SchedulerConfig:
         if d.get("rescale_betas_zero_snr"):
             raise FewstepError("scheduler: rescale_betas_zero_snr=True is not supported")
         kw = _known(cls, d)
-        kw.pop("sampler", None)
+        kw["class_name"] = d.get("_class_name") or cls.class_name
         if d.get("trained_betas") is not None:
             kw["trained_betas"] = tuple(d["trained_betas"])
         kw["use_karras_sigmas"] = bool(d.get("use_karras_sigmas") or False)
-        return cls(sampler=SAMPLER_OF_SCHEDULER.get(d.get("_class_name"), "euler"), **kw)
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """How a model family turns prompts into the UNet's conditioning (diffusers' StableDiffusionPipeline
+    vs StableDiffusionXLPipeline), as data read at load time rather than guessed from the encoder count.
+
+    SD 1.x / 2.x: the last encoder's final-LayerNorm'd hidden states are the context (SD 2.x's
+    "penultimate layer" is already in its config: 23 of OpenCLIP-H's 24 layers). SDXL: each encoder's
+    penultimate hidden states (no final LayerNorm), concatenated; the last encoder's projected pooled
+    output and the size / crop ids feed the UNet's add-embedding."""
+
+    hidden_state: str = "last"  # "last" | "penultimate"
+    pooled: bool = False  # the last encoder's text_embeds -> the UNet's `text_embeds`
+    time_ids: bool = False  # (original size, crop top-left, target size) -> the UNet's `time_ids`
+    zeros_for_empty_negative: bool = False  # no negative prompt: zero conditioning, not the empty prompt's
+
+    def __post_init__(self):
+        if self.hidden_state not in ("last", "penultimate"):
+            raise FewstepError(f"TextConditioning.hidden_state {self.hidden_state!r}: use 'last' or 'penultimate'")
+
+    @classmethod
+    def for_unet(cls, unet: UNetConfig, zeros_for_empty_negative: bool = False) -> TextConditioning:
+        """SDXL's conditioning for a UNet with the text_time add-embedding, else SD 1.x / 2.x's."""
+        sdxl = unet.addition_time_embed_dim is not None
+        return cls("penultimate" if sdxl else "last", sdxl, sdxl, zeros_for_empty_negative)

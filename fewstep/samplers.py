@@ -7,21 +7,23 @@ between calls; `callback(i, x, denoised, sigma)` sees every step (for previews).
 References: Euler / Heun / ancestral steps from Karras et al. 2022 and k-diffusion; DDIM (Song et
 al. 2021) and DDPM (Ho et al. 2020) rewritten in sigmas, where they are ancestral Euler steps;
 DPM-Solver++(2M) (Lu et al. 2022); LCM multistep consistency sampling (Luo et al. 2023). `run` is
-the one entry the pipeline calls: it builds the schedule the matching diffusers scheduler would
-and starts and ends in the same latent space, so fewstep and diffusers agree to float rounding.
+the one entry the pipeline calls: it reads the sampler's row of `SAMPLERS`, builds the schedule the
+matching diffusers scheduler would and starts and ends in the same latent space, so fewstep and
+diffusers agree to float rounding.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import trange
 
 from .configs import SchedulerConfig
 from .errors import FewstepError
-from .schedules import KARRAS_SAMPLERS, schedule
+from .schedules import schedule
 
 
 def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None) -> Callable:
@@ -157,8 +159,41 @@ def sample_lcm(denoise, x, sigmas, *, boundary=None, noise_sampler=None, callbac
     return x
 
 
-SAMPLERS = {"euler": sample_euler, "euler_a": sample_euler_ancestral, "heun": sample_heun,
-            "dpmpp_2m": sample_dpmpp_2m, "ddim": sample_ddim, "ddpm": sample_ddpm, "lcm": sample_lcm}
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler: its function, which diffusers scheduler's schedule it walks, what it needs, and its
+    names in diffusers and in A1111 (None where A1111 has none)."""
+
+    sample: Callable
+    family: str  # schedules.FAMILIES: whose timesteps and sigmas
+    stochastic: bool  # draws fresh noise at each step (from the request's generators)
+    karras: bool  # has a Karras-sigmas variant
+    diffusers: str  # the diffusers scheduler class that gives the same numbers
+    a1111: str | None
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "euler": SamplerSpec(sample_euler, "k", False, True, "EulerDiscreteScheduler", "Euler"),
+    "euler_a": SamplerSpec(sample_euler_ancestral, "k", True, True, "EulerAncestralDiscreteScheduler", "Euler a"),
+    "heun": SamplerSpec(sample_heun, "k", False, True, "HeunDiscreteScheduler", "Heun"),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "dpm", False, True, "DPMSolverMultistepScheduler", "DPM++ 2M"),
+    "ddim": SamplerSpec(sample_ddim, "ddim", True, False, "DDIMScheduler", "DDIM"),  # stochastic when eta > 0
+    "ddpm": SamplerSpec(sample_ddpm, "ddpm", True, False, "DDPMScheduler", None),
+    "lcm": SamplerSpec(sample_lcm, "lcm", True, False, "LCMScheduler", "LCM"),
+}
+
+
+def spec(name: str) -> SamplerSpec:
+    """The table entry of sampler `name`, or a one-line error listing the known ones."""
+    if name not in SAMPLERS:
+        raise FewstepError(f"unknown sampler {name!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name]
+
+
+def for_scheduler(class_name: str) -> str:
+    """The sampler that gives the numbers of the diffusers scheduler `class_name`; Euler for one fewstep
+    does not have."""
+    return next((name for name, s in SAMPLERS.items() if s.diffusers == class_name), "euler")
 
 
 def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: int, *, karras: bool | None = None,
@@ -167,24 +202,26 @@ def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: 
     """Sample with `name` from unit-variance `noise`; returns latents as diffusers hands them to the VAE.
 
     `denoise(x, sigma, t=None)` is a `Denoiser`. `karras=None` follows the config's use_karras_sigmas
-    (for the samplers that have Karras sigmas). `eta` is DDIM's; `generator` draws ancestral noise."""
-    if name not in SAMPLERS:
-        raise FewstepError(f"unknown sampler {name!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
+    (for the samplers that have Karras sigmas). `eta` is DDIM's; `generator` draws the fresh noise of
+    stochastic samplers."""
+    s = spec(name)
     if karras is None:
-        karras = sched.use_karras_sigmas and name in KARRAS_SAMPLERS
-    s = schedule(name, sched, steps, karras)
-    exact_t = dict(zip(s.sigmas.tolist(), s.timesteps.tolist()))  # [n + 1] vs [n]: last unused
+        karras = sched.use_karras_sigmas and s.karras
+    if karras and not s.karras:
+        raise FewstepError(f"Karras sigmas apply to {', '.join(n for n, x in SAMPLERS.items() if x.karras)}, not {name}")
+    sch = schedule(s.family, sched, steps, karras)
+    exact_t = dict(zip(sch.sigmas.tolist(), sch.timesteps.tolist()))  # [n + 1] vs [n]: last unused
 
     def denoise_at(x, sigma):  # the schedule knows the exact t diffusers feeds the model at this sigma
         return denoise(x, sigma, t=exact_t.get(float(sigma)))
 
-    x = noise * s.init_sigma
+    x = noise * sch.init_sigma
     options = {"callback": callback, "disable": not progress}
-    if name in ("euler_a", "ddim", "ddpm", "lcm"):
+    if s.stochastic:
         options["noise_sampler"] = default_noise_sampler(x, generator)
-    if name == "ddim":
-        options.update(eta=eta, landing=s.landing)
-    if name == "lcm":
-        options["boundary"] = lcm_boundary(s.timesteps, sched.timestep_scaling)
-    x = SAMPLERS[name](denoise_at, x, s.sigmas, **options)
-    return x / math.sqrt(s.sigmas[-1].item() ** 2 + 1)  # back to VP space (DDIM may stop above sigma 0)
+    if s.family == "ddim":
+        options.update(eta=eta, landing=sch.landing)
+    if s.family == "lcm":
+        options["boundary"] = lcm_boundary(sch.timesteps, sched.timestep_scaling)
+    x = s.sample(denoise_at, x, sch.sigmas, **options)
+    return x / math.sqrt(sch.sigmas[-1].item() ** 2 + 1)  # back to VP space (DDIM may stop above sigma 0)

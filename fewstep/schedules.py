@@ -24,10 +24,11 @@ import torch
 from .configs import SchedulerConfig
 from .errors import FewstepError
 
-# Which diffusers scheduler family computes each sampler's timesteps.
-FAMILY = {"euler": "k", "euler_a": "k", "heun": "k", "dpmpp_2m": "dpm", "ddim": "ddim", "ddpm": "ddpm",
-          "lcm": "lcm"}
-KARRAS_SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m")
+# The diffusers scheduler families whose timesteps and sigmas `schedule` reproduces: "k" (Euler, Euler
+# ancestral, Heun: fractional timesteps, sigmas interpolated in t), "dpm" (DPM-Solver multistep), "ddim",
+# "ddpm" and "lcm". Which sampler uses which is in `samplers.SAMPLERS`.
+FAMILIES = ("k", "dpm", "ddim", "ddpm", "lcm")
+KARRAS_FAMILIES = ("k", "dpm")
 
 
 class Schedule(NamedTuple):
@@ -152,25 +153,24 @@ def _vp_sigmas(ac: torch.Tensor, ts: np.ndarray, final_alpha: float) -> np.ndarr
     return np.sqrt((1 - a) / a)
 
 
-def _check(name: str, sched: SchedulerConfig, steps) -> None:
-    if name not in FAMILY:
-        raise FewstepError(f"unknown sampler {name!r}; choose one of: {', '.join(sorted(FAMILY))}")
+def _check(family: str, sched: SchedulerConfig, steps, karras: bool) -> None:
+    if family not in FAMILIES:
+        raise FewstepError(f"unknown schedule family {family!r}; choose one of: {', '.join(FAMILIES)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise FewstepError(f"steps={steps!r} must be a whole number >= 1")
     if steps > sched.num_train_timesteps:
         raise FewstepError(f"steps={steps} is more than the model's {sched.num_train_timesteps} training timesteps")
-    if name == "lcm" and steps > sched.original_inference_steps:
+    if family == "lcm" and steps > sched.original_inference_steps:
         raise FewstepError(f"lcm takes at most original_inference_steps={sched.original_inference_steps} steps, "
                            f"got {steps}")
+    if karras and family not in KARRAS_FAMILIES:
+        raise FewstepError(f"Karras sigmas do not apply to the {family} schedule")
 
 
-def schedule(name: str, sched: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
-    """The timesteps, sigmas and initial noise scale that sampler `name` uses for `steps` steps."""
-    _check(name, sched, steps)
-    if karras and name not in KARRAS_SAMPLERS:
-        raise FewstepError(f"Karras sigmas apply to {', '.join(KARRAS_SAMPLERS)}, not {name}")
-    family, ac = FAMILY[name], alphas_cumprod(sched)
-    train = training_sigmas(sched).numpy()
+def schedule(family: str, sched: SchedulerConfig, steps: int, karras: bool = False) -> Schedule:
+    """The timesteps, sigmas and initial noise scale of the diffusers scheduler `family` for `steps` steps."""
+    _check(family, sched, steps, karras)
+    ac, train = alphas_cumprod(sched), training_sigmas(sched).numpy()
     landing = None
     if family == "k":
         ts, sigmas, init = _k_schedule(sched, steps, karras, train)

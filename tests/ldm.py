@@ -1,6 +1,6 @@
 """Write a diffusers folder back as an original single-file checkpoint (LDM / SGM key layout).
 
-Test helper only. It inverts fewstep's own key tables (`fewstep.convert`), so on its own it would
+Test helper only. It inverts fewstep's own key tables (`fewstep.loading.convert`), so on its own it would
 prove nothing; the tests make it honest by loading the files it writes with diffusers' independent
 `from_single_file` and checking the weights come back equal to the folder's.
 """
@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from fewstep.configs import CLIPTextConfig, UNetConfig, VAEConfig, read_json
-from fewstep.convert import clip_modules, openclip_modules, unet_modules, vae_modules
-from fewstep.detect import TEXT_LAYOUTS, UNET, VAE
+from fewstep.loading.convert import clip_modules, openclip_modules, unet_modules, vae_modules
+from fewstep.loading.detect import TEXT_LAYOUTS, UNET, VAE
 
 
 def extras(layout: str, width: int) -> dict[str, tuple[int, ...]]:

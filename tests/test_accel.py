@@ -1,4 +1,4 @@
-"""Speed options (fewstep.accel) keep the numbers: channels-last and fused projections match the
+"""Speed options (fewstep.speed.accel) keep the numbers: channels-last and fused projections match the
 default to fp32 rounding, the tiny decoder is TAESD's own output, bf16/fp16 pipelines stay close to
 fp32 with the VAE kept in fp32 once, and the `cache` hook sees every model evaluation.
 
@@ -14,12 +14,13 @@ import pytest
 import torch
 
 import fewstep
-import fewstep.pipeline
+import fewstep.imaging
+import fewstep.loading.dtypes
 from conftest import SHARED, requires_shared
-from fewstep.accel import fuse_attention, optimize, preview_callback
+from fewstep.speed.accel import fuse_attention, optimize, preview_callback
 from fewstep.errors import FewstepError
 from fewstep.models.layers import Attention
-from fewstep.models.tae import load_taesd
+from fewstep.loading.folders import load_taesd
 
 pytestmark = requires_shared
 
@@ -143,9 +144,9 @@ def test_tiny_decoder_from_folder(tiny_folders, taesd_dirs, layout):
 @pytest.mark.parametrize("family,repo,prefix", [("sd1", "madebyollin/taesd", "taesd"),
                                                 ("sdxl", "madebyollin/taesdxl", "taesdxl")])
 def test_tiny_decoder_from_hub(tiny_folders, taesd_dirs, monkeypatch, family, repo, prefix):
-    import fewstep.loading
+    import fewstep.speed.accel
     asked = []
-    monkeypatch.setattr(fewstep.loading, "_download",
+    monkeypatch.setattr(fewstep.speed.accel, "download",
                         lambda r, v, patterns: asked.append((r, patterns)) or taesd_dirs[prefix + "-diffusers"])
     pipe = fewstep.load(tiny_folders[family], decoder="tiny")
     assert asked == [(repo, ["config.json", "diffusion_pytorch_model.safetensors"])]
@@ -153,7 +154,7 @@ def test_tiny_decoder_from_hub(tiny_folders, taesd_dirs, monkeypatch, family, re
     with torch.no_grad():
         want = load_taesd(decoder_path=TAESD / f"{prefix}_decoder.safetensors").decode(z)
     assert rel(pipe.decode(z), want) <= 1e-5
-    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: True)  # a CPU with bf16 units
+    monkeypatch.setattr(fewstep.loading.dtypes, "native_bf16", lambda device: True)  # a CPU with bf16 units
     half = fewstep.load(tiny_folders[family], decoder="tiny", dtype=torch.bfloat16)
     assert {p.dtype for p in half.decoder.parameters()} == {torch.bfloat16}
     assert (half.decode(z).float() - want).abs().mean() <= 0.05
@@ -182,7 +183,7 @@ def test_preview_callback_shows_every_step(tiny_folders, taesd_dirs):
     z = pipe(PROMPT, callback=preview_callback(tae, lambda i, im: seen.append((i, im))), **kw)
     assert [i for i, _ in seen] == [0, 1, 2] and all(im.size == (128, 64) for _, im in seen)
     with torch.no_grad():
-        final = fewstep.pipeline.to_pil(tae.decode(z))  # Euler's last x0 estimate is the result
+        final = fewstep.imaging.to_pil(tae.decode(z))  # Euler's last x0 estimate is the result
     last = np.asarray(seen[-1][1], dtype=np.int16)
     assert np.abs(last - np.concatenate([np.asarray(im, dtype=np.int16) for im in final], axis=1)).max() <= 1
     assert np.abs(np.asarray(seen[0][1], dtype=np.int16) - last).mean() > 1, "previews do not change"
@@ -190,7 +191,7 @@ def test_preview_callback_shows_every_step(tiny_folders, taesd_dirs):
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_bf16_close_to_fp32(tiny_folders, taesd_dirs, family, monkeypatch):
-    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: True)  # a CPU with bf16 units
+    monkeypatch.setattr(fewstep.loading.dtypes, "native_bf16", lambda device: True)  # a CPU with bf16 units
     ref = fewstep.load(tiny_folders[family])
     pipe = fewstep.load(tiny_folders[family], dtype=torch.bfloat16)
     for m in (pipe.unet, pipe.vae, *pipe.text_encoders):  # bf16 has fp32's range: no VAE upcast (as diffusers)
@@ -205,10 +206,10 @@ def test_bf16_close_to_fp32(tiny_folders, taesd_dirs, family, monkeypatch):
 
 @pytest.mark.parametrize("decoder", [None, "taesd"])
 def test_bf16_without_bf16_hardware_keeps_the_autoencoder_fp32(tiny_folders, taesd_dirs, monkeypatch, decoder):
-    from fewstep.pipeline import native_bf16
+    from fewstep.loading.dtypes import native_bf16
     assert native_bf16("cpu") == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     assert native_bf16("cuda") and native_bf16(torch.device("cuda", 0))
-    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: False)
+    monkeypatch.setattr(fewstep.loading.dtypes, "native_bf16", lambda device: False)
     ref = fewstep.load(tiny_folders["sd1"], decoder=decoder and taesd_dirs[decoder])
     pipe = fewstep.load(tiny_folders["sd1"], dtype=torch.bfloat16, decoder=decoder and taesd_dirs[decoder])
     ae = pipe.vae if decoder is None else pipe.decoder
@@ -220,11 +221,10 @@ def test_bf16_without_bf16_hardware_keeps_the_autoencoder_fp32(tiny_folders, tae
 
 
 def test_fp16_keeps_upcast_vae_in_fp32_once(tiny_folders, monkeypatch, tmp_path):
-    import fewstep.pipeline
     pipe = fewstep.load(tiny_folders["sd1"], dtype=torch.float16)
     assert pipe.unet.conv_in.weight.dtype == torch.float16 and pipe.vae.cfg.force_upcast
     assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
-    monkeypatch.setattr(fewstep.pipeline, "_decode_as", None)  # no per-call conversion on the normal path
+    monkeypatch.setattr(fewstep.imaging, "_decode_as", None)  # no per-call conversion on the normal path
     out = pipe(PROMPT, **GEN)
     assert out.dtype == torch.float32 and (out - fewstep.load(tiny_folders["sd1"])(PROMPT, **GEN)).abs().mean() <= 0.05
     folder = tmp_path / "fp16-fix"
@@ -247,7 +247,7 @@ def test_vae_dtype_rules():
     """fp16: a force_upcast VAE stays fp32 on a CPU (no fast fp16 convolutions) and for SDXL (as diffusers),
     and is fp16 for SD 1.x/2.x on a GPU (as diffusers' SD pipeline); a VAE without the flag follows."""
     from fewstep.configs import VAEConfig
-    from fewstep.pipeline import vae_dtype
+    from fewstep.loading.dtypes import vae_dtype
     upcast, plain, f16, f32 = VAEConfig(force_upcast=True), VAEConfig(force_upcast=False), torch.float16, torch.float32
     assert vae_dtype(upcast, f16, "cuda") == f16 and vae_dtype(upcast, f16, "cuda:1", sdxl=False) == f16
     assert vae_dtype(upcast, f16, "cuda", sdxl=True) == f32
@@ -258,7 +258,7 @@ def test_vae_dtype_rules():
 
 
 def test_nan_in_fp32_decode_is_an_error(tiny_folders):
-    from fewstep.pipeline import safe_decode
+    from fewstep.imaging import safe_decode
     ae = fewstep.load_autoencoder(tiny_folders["sd1"])
     with torch.no_grad():
         ae.post_quant_conv.bias.fill_(float("nan"))

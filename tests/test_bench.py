@@ -16,8 +16,8 @@ import torch
 
 import fewstep
 from conftest import CONFIGS, SHARED, requires_shared
-from fewstep.bench import Job, Options, Settings, brief, notes, parse_cache, psnr, ratios, run_bench, summarize
-from fewstep.bench_random import random_folder
+from fewstep.bench.harness import Job, Options, Settings, brief, notes, parse_cache, psnr, ratios, run_bench, summarize
+from fewstep.bench.random_weights import random_folder
 from fewstep.cli import main
 from fewstep.errors import FewstepError
 
@@ -117,7 +117,7 @@ def test_psnr_and_parse_cache():
 KEEP_MEMORY = """
 import sys
 import torch
-from fewstep.accel import keep_memory
+from fewstep.speed.accel import keep_memory
 done = keep_memory() if sys.argv[1] == "1" else None
 t = torch.empty(2**24)  # 64 MB: above glibc's mmap threshold, so mmap'ed unless keep_memory
 lo, hi = (int(v, 16) for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")
@@ -147,15 +147,15 @@ def test_notes_say_what_diffusers_does_not_do():
 def test_notes_say_where_the_vaes_differ_in_dtype(monkeypatch):
     """On a CPU, --dtype fp16 leaves fewstep's force_upcast VAE in fp32 while diffusers' SD pipeline decodes in
     fp16; bf16 without bf16 hardware leaves it fp32 too. With the tiny decoder, fp32, or a GPU: no note."""
-    import fewstep.pipeline
+    import fewstep.bench.harness
     fp16 = notes(Settings(dtype="fp16"), Options(compare="diffusers"))
     assert len(fp16) == 1 and fp16[0].startswith("VAE: fewstep decodes a force_upcast VAE in fp32")
     for quiet in (Settings(dtype="fp16", decoder="tiny"), Settings(), Settings(dtype="fp16", device="cuda")):
         assert notes(quiet, Options(compare="diffusers")) == []
-    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: False)
+    monkeypatch.setattr(fewstep.bench.harness, "native_bf16", lambda device: False)
     assert notes(Settings(dtype="bf16"), Options(compare="diffusers")) == [
         "VAE: fewstep decodes in fp32 on a CPU without bf16 hardware; diffusers in bf16"]
-    monkeypatch.setattr(fewstep.pipeline, "native_bf16", lambda device: True)
+    monkeypatch.setattr(fewstep.bench.harness, "native_bf16", lambda device: True)
     assert notes(Settings(dtype="bf16"), Options(compare="diffusers")) == []
 
 
@@ -218,7 +218,7 @@ def test_random_layout_is_diffusers_layout(arch):
     import diffusers
     import transformers
     from accelerate import init_empty_weights
-    from fewstep.bench_random import _module
+    from fewstep.bench.random_weights import _module
     src = CONFIGS / arch
     pairs = [("unet", diffusers.UNet2DConditionModel), ("vae", diffusers.AutoencoderKL)]
     for name, cls in pairs:
@@ -248,7 +248,7 @@ def test_random_folder_errors(tmp_path):
 
 def test_diffusers_tiny_autoencoder_matches_fewstep_taesd():
     """The diffusers side's AutoencoderTiny, built from the original TAESD files, decodes as fewstep's TAESD."""
-    from fewstep.bench_diffusers import tiny_autoencoder
+    from fewstep.bench.reference import tiny_autoencoder
     theirs = tiny_autoencoder(str(SHARED / "taesd"), sdxl=False)
     ours = fewstep.load_autoencoder(SHARED / "taesd")
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))

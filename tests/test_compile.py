@@ -1,4 +1,4 @@
-"""fewstep.compile on a tiny SD 1.x pipeline (CPU): which modules get compiled, compiled images equal
+"""fewstep.speed.compile on a tiny SD 1.x pipeline (CPU): which modules get compiled, compiled images equal
 eager ones (max |diff| <= 1e-4 on images in [-1, 1]), and a second process with the same cache_dir
 hits inductor's FX-graph cache (the slow test: inductor's C++ compile of ~11 graphs)."""
 
@@ -10,8 +10,8 @@ import torch
 
 import fewstep
 from conftest import SHARED, requires_shared, slow
-from fewstep.compile import RECOMPILE_LIMIT, compile_pipeline, compile_timings, graphed, regions
-from fewstep.deepcache import DeepCache
+from fewstep.speed.compile import RECOMPILE_LIMIT, compile_pipeline, compile_timings, graphed, regions
+from fewstep.speed.deepcache import DeepCache
 from fewstep.errors import FewstepError
 
 pytestmark = requires_shared
@@ -121,7 +121,7 @@ def static_outputs(gm, example_inputs):
 def test_graphed_module_hands_out_copies(folder):
     """Through a backend that reuses its output tensors (as CUDA-graph replays do), the first call's
     text embeddings survive the second call: compile_graphed clones what the graph hands out."""
-    from fewstep.compile import compile_graphed
+    from fewstep.speed.compile import compile_graphed
     pipe = fewstep.load(folder)
     enc, tok = pipe.text_encoders[0], pipe.tokenizers[0]
     ids_a, ids_b = tok(["a red circle"]), tok(["a blue square at the top"])

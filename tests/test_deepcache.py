@@ -1,4 +1,4 @@
-"""DeepCache (fewstep.deepcache) on tiny random UNets: full calls are the plain UNet bit for bit,
+"""DeepCache (fewstep.speed.deepcache) on tiny random UNets: full calls are the plain UNet bit for bit,
 cached calls follow the call schedule, reproduce the full output when the input is unchanged, differ
 when it changes, and cost a stated fraction of a full call's FLOPs (torch.utils.flop_counter)."""
 
@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import randomize_norms
 from fewstep.configs import UNetConfig
-from fewstep.deepcache import DeepCache, forward, num_branches
+from fewstep.speed.deepcache import DeepCache, forward, num_branches
 from fewstep.errors import FewstepError
 from fewstep.models.unet import UNet
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fewstep
-from fewstep.loading import ASSETS
+from fewstep.loading.hub import ASSETS
 
 STUDENT, TEACHER = ASSETS / "shapes-turbo", ASSETS / "shapes-teacher"
 PROMPTS = ["a large red circle on the left and a small blue square at the top right",
@@ -81,7 +81,7 @@ def test_diffusers_loads_the_shipped_folders_to_the_same_images(folder, steps, g
 
 @pytest.mark.parametrize("steps", [1, 4])
 def test_student_accuracy_floor(steps):
-    from fewstep.evaluation import generate
+    from fewstep.shapes.metrics import generate
     from fewstep.shapes.caption import sample_prompts
     from fewstep.shapes.evaluate import accuracy
     prompts = sample_prompts(0, 50)

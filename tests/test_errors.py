@@ -107,7 +107,7 @@ def test_overlong_prompt_warns_not_errors(sd1):
 
 
 def test_fp16_vae_overflow_is_retried_in_fp32(sd1):
-    from fewstep.pipeline import safe_decode
+    from fewstep.imaging import safe_decode
     ae = fewstep.load_autoencoder(sd1, dtype=torch.float16)
     with torch.no_grad():
         # post_quant_conv outputs now exceed fp16's 65504 (the weights themselves still fit); the

@@ -3,8 +3,8 @@
 import numpy as np
 import torch
 
-from fewstep.evaluation import evaluate, frechet_distance, markdown
-from fewstep.shapes.render import batch
+from fewstep.shapes.metrics import evaluate, frechet_distance, markdown
+from fewstep.shapes.data import batch
 
 
 def test_frechet_distance_closed_forms():

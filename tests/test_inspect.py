@@ -19,14 +19,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import CONFIGS, SHARED, requires_shared
-from fewstep.builtin import BUILTINS, SDXS_UNET, family
+from fewstep.inspect.families import BUILTINS, SDXS_UNET, family
 from fewstep.cli import main
 from fewstep.configs import CLIPTextConfig, UNetConfig, VAEConfig, read_json
 from fewstep.errors import FewstepError
-from fewstep.inspect import inspect_model
-from fewstep.inspect_compare import compare, render_compare
-from fewstep.inspect_report import render, rows
-from fewstep.inspect_svg import unet_html, unet_svg
+from fewstep.inspect.measure import inspect_model
+from fewstep.inspect.compare import compare, render_compare
+from fewstep.inspect.report import render, rows
+from fewstep.inspect.svg import unet_html, unet_svg
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 _cache = {}
@@ -76,7 +76,7 @@ def test_sd_autoencoder_total():
 def test_sdxs_keeps_self_attention():
     """Only the published layout (attn1 = self-attention) gives 315,746,244; attn1 over the text does not."""
     from fewstep.models.unet import UNet
-    from fewstep.weights import no_init
+    from fewstep.loading.weights import no_init
 
     def count(cfg):
         with torch.device("meta"), no_init():
@@ -97,7 +97,7 @@ def counted(run) -> int:
 
 def meta_unet(cfg: UNetConfig, res: int, dtype=torch.float16):
     from fewstep.models.unet import UNet
-    from fewstep.weights import no_init
+    from fewstep.loading.weights import no_init
     with torch.device("meta"), no_init():
         m = UNet(cfg).to(dtype)
     h = res // 8
@@ -316,7 +316,7 @@ def test_builtins_match_the_public_configs(name):
 def test_shipped_models_are_found_by_name(tmp_path, monkeypatch, capsys):
     import shutil
     shutil.copytree(CONFIGS / "sd-turbo", tmp_path / "shapes-turbo")  # configs only, as a shipped folder
-    monkeypatch.setattr("fewstep.loading.ASSETS", tmp_path)
+    monkeypatch.setattr("fewstep.inspect.families.ASSETS", tmp_path)
     assert family("shapes-turbo").unet == BUILTINS["sd-turbo"].unet
     assert main(["inspect", "no-such-model"]) == 2
     assert "shipped model (shapes-turbo)" in capsys.readouterr().err
@@ -384,7 +384,7 @@ def test_shape_only_stand_ins_change_nothing(monkeypatch):
     originals = {name: getattr(F, name) for name in ("group_norm", "layer_norm", "linear", "gelu")}
     fast = inspect_model("sdxs-512", 256)
     assert all(getattr(F, name) is fn for name, fn in originals.items())
-    monkeypatch.setattr("fewstep.inspect.SHAPE_ONLY", {})
+    monkeypatch.setattr("fewstep.inspect.measure.SHAPE_ONLY", {})
     slow = inspect_model("sdxs-512", 256)
 
     def facts(r):

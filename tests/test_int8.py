@@ -1,4 +1,4 @@
-"""fewstep.int8 (oneDNN int8 conv / linear, dynamic activations) and the "int8-cpu" quantization scheme.
+"""fewstep.speed.int8 (oneDNN int8 conv / linear, dynamic activations) and the "int8-cpu" quantization scheme.
 
 Tolerances, as max |int8 - float| / max |float|: one int8 layer 2% (measured 0.8-1.1%; bf16 in and
 out 3%, measured 0.7-1.2%), the tiny UNet 5% (measured 2.9%), the tiny pipeline's image with UNet,
@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from fewstep.errors import FewstepError
 from conftest import SHARED, requires_shared
-from fewstep.int8 import Int8Conv2d, Int8Linear, convert, quantize_activation, quantize_weight, to_uint8
+from fewstep.speed.int8 import Int8Conv2d, Int8Linear, convert, quantize_activation, quantize_weight, to_uint8
 from fewstep.models.layers import Upsample2D
-from fewstep.quantize import quantize
+from fewstep.speed.quantize import quantize
 from test_deepcache import inputs, make
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,7 +128,7 @@ def test_convert_fuses_relu_into_the_conv():
 @torch.no_grad()
 def test_taesd_decoder_in_int8():
     """TAESD's decoder (real weights): 64-channel convs with fused ReLUs, int8 upsampling convs."""
-    from fewstep.models.tae import load_taesd
+    from fewstep.loading.folders import load_taesd
     tae = load_taesd(decoder_path=SHARED / "taesd" / "taesd_decoder.safetensors")
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     want = tae.decode(z)
@@ -170,7 +170,7 @@ def test_pipeline_parts(tiny_folders):
     assert 0 < relative(got, want) <= 0.10
     with pytest.raises(FewstepError, match="already quantized"):
         quantize(pipe, "int8-cpu")
-    from fewstep.compile import compile_pipeline
+    from fewstep.speed.compile import compile_pipeline
     with pytest.raises(FewstepError, match="int8-cpu quantized pipeline runs eagerly"):
         compile_pipeline(pipe)
     with pytest.raises(FewstepError, match="unknown part"):

@@ -43,8 +43,8 @@ def test_dtype_conversion(sd1, dtype):
     for m in (pipe.unet, *pipe.text_encoders):
         assert {p.dtype for p in m.parameters()} == {dtype}
     # the tiny VAE's config says force_upcast: fp16 keeps it in fp32 (as diffusers decodes it); bf16 does
-    # not, except on a CPU without bf16 hardware (fewstep.pipeline.native_bf16), where fp32 is faster
-    from fewstep.pipeline import native_bf16
+    # not, except on a CPU without bf16 hardware (fewstep.loading.dtypes.native_bf16), where fp32 is faster
+    from fewstep.loading.dtypes import native_bf16
     bf16_vae = dtype == torch.bfloat16 and native_bf16("cpu")
     assert {p.dtype for p in pipe.vae.parameters()} == {dtype if bf16_vae else torch.float32}
     image = pipe("a cat", steps=1, guidance=0.0, width=64, height=64, progress=False, output_type="pt")

@@ -1,4 +1,4 @@
-"""fewstep.quantize on a tiny random UNet (CPU, fp32): which Linears become int8 torchao tensors, and
+"""fewstep.speed.quantize on a tiny random UNet (CPU, fp32): which Linears become int8 torchao tensors, and
 how far the output moves. Tolerances (measured 0.18% and 0.33% of max |output|):
 max |quantized - fp32| <= 1% of max |fp32 output| for int8-weight, 2% for int8-dynamic."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fewstep.errors import FewstepError
-from fewstep.quantize import is_quantized, quantize
+from fewstep.speed.quantize import is_quantized, quantize
 from test_deepcache import inputs, make
 
 TOLERANCE = {"int8-weight": 0.01, "int8-dynamic": 0.02}

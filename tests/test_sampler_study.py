@@ -1,4 +1,4 @@
-"""bench/sampler_study.py on the shipped models: exact UNet-evaluation counts per sampler (Heun's two
+"""scripts/measure/sampler_study.py on the shipped models: exact UNet-evaluation counts per sampler (Heun's two
 evaluations a step but none after the last, guidance's two halves in one call), the same images as
 `fewstep eval` for the same sampler, the plot, and one-line errors for a bad --runs."""
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import fewstep
-from fewstep.evaluation import generate
-from fewstep.loading import ASSETS
+from fewstep.shapes.metrics import generate
+from fewstep.loading.hub import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("sampler_study", ROOT / "bench" / "sampler_study.py")
+spec = importlib.util.spec_from_file_location("sampler_study", ROOT / "scripts" / "measure" / "sampler_study.py")
 sampler_study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sampler_study)
 PROMPTS = ["a small red circle on the left", "a large blue square and a small yellow triangle"]
@@ -37,7 +37,7 @@ def test_unet_evaluations_are_counted_exactly(folder, runs, expected):
 def test_same_images_as_eval_and_a_plot(tmp_path, monkeypatch):
     pipe = fewstep.load()
     seen = []  # the images study() scores, caught where evaluate() makes them
-    import fewstep.evaluation as ev
+    import fewstep.shapes.metrics as ev
     original = ev.generate
     monkeypatch.setattr(ev, "generate", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
     with torch.inference_mode():

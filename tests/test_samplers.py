@@ -104,7 +104,7 @@ def test_schedule_matches_diffusers(name, karras, spacing, n, beta, offset):
                 set_alpha_to_one=(offset == 0))
     set_timesteps(name, d, n, karras)
     ts, sig, landing, init = reference_schedule(name, d)
-    s = schedules.schedule(name, c, n, karras)
+    s = schedules.schedule(samplers.SAMPLERS[name].family, c, n, karras)
     assert s.timesteps.shape == ts.shape and s.sigmas.shape == sig.shape
     torch.testing.assert_close(s.timesteps, ts, rtol=0, atol=1e-6)
     torch.testing.assert_close(s.sigmas, sig, rtol=1e-6, atol=1e-6)
@@ -236,7 +236,7 @@ def test_turbo_configs(model, name, n):
     """SD-Turbo (Euler, trailing, steps_offset 1) and SDXL-Turbo (Euler ancestral, trailing) as shipped."""
     raw = shipped(model)
     c = SchedulerConfig.from_diffusers(raw)
-    assert c.sampler == name
+    assert samplers.for_scheduler(c.class_name) == name
     d = DIFFUSERS[name].from_config(raw)
     d.set_timesteps(n)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -244,7 +244,7 @@ def test_turbo_configs(model, name, n):
     got = samplers.run(name, Denoiser(stand_in(c), c), noise, c, n, generator=torch.Generator().manual_seed(3))
     assert (got - ref).abs().max().item() <= LOOP_TOL
     if model == "sd-turbo" and n == 1:  # the one-step turbo schedule: t = 999, sigma_max -> 0
-        s = schedules.schedule(name, c, n)
+        s = schedules.schedule(samplers.SAMPLERS[name].family, c, n)
         assert s.timesteps.tolist() == [999.0] and s.sigmas[-1].item() == 0.0
         assert s.init_sigma == pytest.approx(14.6146, abs=1e-4)
 
@@ -257,7 +257,7 @@ def test_callback_sees_every_step_and_progress_runs():
     noise = torch.randn(1, 4, 8, 8)
     samplers.run("heun", Denoiser(stand_in(c), c), noise, c, 3, progress=True,
                  callback=lambda i, x, den, sigma: calls.append((i, float(sigma))))
-    sig = schedules.schedule("heun", c, 3).sigmas
+    sig = schedules.schedule("k", c, 3).sigmas
     assert calls == [(i, sig[i].item()) for i in range(3)]
 
 
@@ -269,8 +269,14 @@ def test_sigma_to_t_recovers_training_timesteps():
     assert ts == pytest.approx([0, 1, 250, 500, 998, 999], abs=1e-4)
 
 
-def test_samplers_and_schedules_name_the_same_set():
-    assert set(samplers.SAMPLERS) == set(schedules.FAMILY) == set(DIFFUSERS)
+def test_the_sampler_table_names_schedules_and_diffusers_classes():
+    """Every sampler's row names a schedule family fewstep has and the diffusers scheduler it matches."""
+    assert set(samplers.SAMPLERS) == set(DIFFUSERS)
+    for name, spec in samplers.SAMPLERS.items():
+        assert spec.family in schedules.FAMILIES and spec.diffusers == DIFFUSERS[name].__name__
+        assert samplers.for_scheduler(spec.diffusers) == name
+        assert spec.karras == (spec.family in schedules.KARRAS_FAMILIES)
+    assert samplers.for_scheduler("PNDMScheduler") == "euler"
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -17,7 +17,8 @@ from fewstep.errors import FewstepError
 from fewstep.shapes.caption import (Prompt, Wanted, caption, parse_prompt, sample_prompts, swap_positions,
                                     write_prompt)
 from fewstep.shapes.evaluate import FAILURES, accuracy, as_image, failure, failures, matches, parse_image, score
-from fewstep.shapes.render import COLORS, MARGIN, POSITIONS, SHAPES, Obj, Scene, batch, render, sample_scene
+from fewstep.shapes.data import batch
+from fewstep.shapes.render import COLORS, MARGIN, POSITIONS, SHAPES, Obj, Scene, render, sample_scene
 
 N = 1000
 

@@ -17,7 +17,7 @@ import torch
 
 from conftest import CONFIGS, requires_shared
 from fewstep.configs import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig, read_json
-from fewstep.detect import convert_state_dict, read_checkpoint
+from fewstep.loading.detect import convert_state_dict, read_checkpoint
 from fewstep.errors import FewstepError
 from ldm import load_folder, original_state_dict, save_original, text_model_layout
 

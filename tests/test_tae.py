@@ -7,7 +7,8 @@ from torch import nn
 
 from fewstep.configs import TAEConfig
 from fewstep.errors import FewstepError
-from fewstep.models.tae import TinyAutoencoder, load_taesd, taesd_to_diffusers
+from fewstep.loading.folders import load_taesd
+from fewstep.models.tae import TinyAutoencoder, taesd_to_diffusers
 from conftest import SHARED, requires_shared
 
 TAESD = SHARED / "taesd"
@@ -114,7 +115,7 @@ def original_layout(model: TinyAutoencoder, side: str) -> dict:
     return out
 
 
-def test_latent_channels_come_from_shapes_not_names(tmp_path):
+def testlatent_channels_come_from_shapes_not_names(tmp_path):
     from safetensors.torch import save_file
     src = TinyAutoencoder(TAEConfig(latent_channels=16))
     save_file(original_layout(src, "encoder"), tmp_path / "taesd_encoder.safetensors")  # a misleading name

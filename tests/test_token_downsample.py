@@ -1,4 +1,4 @@
-"""ToDo token downsampling (`accel.set_token_downsample`, `layers.downsample_tokens`).
+"""ToDo token downsampling (`UNet(..., token_downsample=F)`, `layers.downsample_tokens`, `speed.accel`).
 
 The exact check: when every 2x2 patch of the token grid holds one token repeated, pooling keys and
 values 2x2 changes nothing (each key appears four times in full attention, once after pooling, with
@@ -10,8 +10,8 @@ import copy
 import pytest
 import torch
 
-from fewstep.accel import fuse_attention, set_token_downsample
 from fewstep.errors import FewstepError
+from fewstep.speed.accel import checked_factor, fuse_attention
 from fewstep.models.layers import downsample_tokens
 from fewstep.models.unet import BasicTransformerBlock, Transformer2DModel
 from test_deepcache import inputs, make
@@ -40,13 +40,10 @@ def test_repeated_patches_give_full_attention_exactly():
     x = coarse.repeat_interleave(2, 2).repeat_interleave(2, 3).flatten(2).transpose(1, 2)  # 6x8 grid, 2x2 repeats
     context = torch.randn(2, 7, 24)
     want = block(x, context, (6, 8))
-    block.kv_downsample = 2
-    assert rel(block(x, context, (6, 8)), want) <= 1e-5
+    assert rel(block(x, context, (6, 8), kv_downsample=2), want) <= 1e-5
     varied = torch.randn(2, 48, 32)
-    block.kv_downsample = 1
-    full = block(varied, context, (6, 8))
-    block.kv_downsample = 2
-    assert rel(block(varied, context, (6, 8)), full) > 1e-3  # an approximation on varied tokens
+    full = block(varied, context, (6, 8), kv_downsample=1)
+    assert rel(block(varied, context, (6, 8), kv_downsample=2), full) > 1e-3  # an approximation on varied tokens
 
 
 @torch.no_grad()
@@ -54,22 +51,24 @@ def test_unet_levels_fusing_and_errors():
     unet = make("sd")  # attention at levels 1 and 2 (and the mid block): ToDo goes to level 1 only
     x, t, cond = inputs(unet)
     want = unet(x, t, **cond)
-    todo = set_token_downsample(copy.deepcopy(unet), 2)
-    factors = {(m.level, b.kv_downsample) for m in todo.modules() if isinstance(m, Transformer2DModel)
-               for b in m.transformer_blocks}
-    assert factors == {(1, 2), (2, 1)}
-    got = todo(x, t, **cond)
+    pooling = {m.level: m.pools_tokens for m in unet.modules() if isinstance(m, Transformer2DModel)}
+    assert pooling == {1: True, 2: False}
+    got = unet(x, t, **cond, token_downsample=2)
     assert 0 < rel(got, want) <= 0.5
-    fused = fuse_attention(copy.deepcopy(todo))  # the pooled self-attention fuses as q + kv
+    assert rel(unet(x, t, **cond, token_downsample=1), want) == 0  # 1: off, the exact model
+    fused = fuse_attention(copy.deepcopy(unet), token_downsample=2)  # the pooled self-attention fuses as q + kv
     keys = fused.state_dict().keys()
     assert any(k.endswith("attn1.to_kv.weight") for k in keys) and any(k.endswith("attn1.to_qkv.weight") for k in keys)
-    assert rel(fused(x, t, **cond), got) <= 1e-5
-    assert rel(set_token_downsample(todo, 1)(x, t, **cond), want) <= 1e-6  # 1: off again
+    assert rel(fused(x, t, **cond, token_downsample=2), got) <= 1e-5
+    assert checked_factor(2, fused) == 2
+    qkv = fuse_attention(copy.deepcopy(unet))
     with pytest.raises(FewstepError, match="after the q/k/v projections were fused"):
-        set_token_downsample(fuse_attention(copy.deepcopy(unet)), 2)
+        checked_factor(2, qkv)
+    with pytest.raises(FewstepError, match="separate q and k/v projections"):
+        qkv(x, t, **cond, token_downsample=2)
     for bad in (0, 1.5, True):
         with pytest.raises(FewstepError, match="whole number >= 1"):
-            set_token_downsample(unet, bad)
+            checked_factor(bad, unet)
 
 
 def test_load_option(tiny_folders):
@@ -77,7 +76,6 @@ def test_load_option(tiny_folders):
     gen = dict(steps=2, width=64, height=64, seed=3, progress=False, output_type="pt")
     ref = fewstep.load(tiny_folders["sd1"])("a cat", **gen)
     pipe = fewstep.load(tiny_folders["sd1"], token_downsample=2, fuse_qkv=True)
-    blocks = [b for b in pipe.unet.modules() if isinstance(b, BasicTransformerBlock)]
-    assert any(b.kv_downsample == 2 for b in blocks)
+    assert pipe.token_downsample == 2
     out = pipe("a cat", **gen)
     assert out.shape == ref.shape and 0 < rel(out, ref) <= 0.5

@@ -153,7 +153,7 @@ def test_teacher_fine_tunes_from_init(run, tmp_path):
 def test_text_split_equals_the_whole_encoder(run, tuned):
     """The data worker's frozen prefix (first n - k layers) then Conditioned.context (last k layers
     and the final LayerNorm) is exactly the text encoder's last hidden state."""
-    from fewstep.loading import load_text_encoder
+    from fewstep.loading.folders import load_text_encoder
     from fewstep.tokenizer import CLIPTokenizer
     from fewstep.train.teacher import Conditioned, text_prefix
     text = load_text_encoder(run[0] / "clip" / "text_encoder")
@@ -169,7 +169,7 @@ def test_discriminator_has_a_whole_map_head(run):
     """Besides one per-position head per feature map, one head judges the whole lowest map at once: it
     gives one logit per image, it trains in the student stage (the checkpointed discriminator's whole-map
     weights moved from their seeded init), and its logit depends on where things are on the map."""
-    from fewstep.loading import load_unet
+    from fewstep.loading.folders import load_unet
     from fewstep.train.distill import Discriminator, feature_channels, feature_side
     teacher = load_unet(run[0] / "swap" / "unet")
     channels, side = feature_channels(teacher), feature_side(teacher)
@@ -276,14 +276,13 @@ def test_tokenizer_matches_transformers(run):
 def test_export_scores_the_student_at_one_step_and_four(run, tmp_path, monkeypatch):
     """The closing check of `train all` (full size only): the teacher at its own defaults, the student at 1 step as
     `student` and at 4 as `student_4_steps` (its own default is 4, which once made both rows 4-step rows)."""
-    import fewstep.train.evaluate as ev
-    from fewstep.train.recipe import export_and_score
+    from fewstep.train import recipe
     out = tmp_path / "run"
     shutil.copytree(run[0], out)
     calls = []
-    monkeypatch.setattr(ev, "evaluate", lambda pipe, n, **kw: calls.append(
+    monkeypatch.setattr(recipe, "evaluate", lambda pipe, n, **kw: calls.append(
         (pipe.defaults.steps, kw.get("steps", pipe.defaults.steps))) or {"steps": calls[-1][1]})
-    report = export_and_score(out, tiny=False, n=2)
+    report = recipe.export_and_score(out, tiny=False, n=2)
     assert calls == [(25, 25), (4, 1), (4, 4)]
     assert (report["teacher"], report["student"], report["student_4_steps"]) == ({"steps": 25}, {"steps": 1},
                                                                                  {"steps": 4})
@@ -362,14 +361,14 @@ def test_two_processes(run, tmp_path, stage, inputs):
 
 
 def test_clip_score_and_features(run):
-    from fewstep.shapes.render import batch
-    from fewstep.train.clip import clip_score, load_clip
+    from fewstep.shapes.data import batch
+    from fewstep.shapes.clip import clip_score, load_clip
     model, tok = load_clip(run[0] / "clip")
     images, captions, _ = batch(3, 4, size=64)
     scores = clip_score(model, tok, images, captions)
     assert scores.shape == (4,) and torch.isfinite(scores).all() and scores.abs().max() <= 100
-    from fewstep.train.common import images_to_tensor
-    assert model.features(images_to_tensor(images)).shape == (4, model.visual.proj.in_features)
+    from fewstep.imaging import from_uint8
+    assert model.features(from_uint8(images)).shape == (4, model.visual.proj.in_features)
 
 
 def test_cli_parses_and_rejects():
@@ -448,7 +447,9 @@ def test_launched_processes_get_the_stages_settings(run, monkeypatch):
     from fewstep.train import recipe
     from fewstep.train.cli import main
     out, seen = run[0], []
-    monkeypatch.setattr(recipe, "_trainer", lambda stage: lambda o, sz, h, seed, resume: seen.append((h, seed, resume)))
+    for name in ("refine", "student", "vae"):
+        monkeypatch.setitem(recipe.RECIPE, name, replace(recipe.RECIPE[name], train=lambda o, sz, h, seed, resume:
+                                                         seen.append((h, seed, resume))))
     for name, value in (("WORLD_SIZE", "2"), ("FEWSTEP_LAUNCHED", "1"), ("ACCELERATE_USE_CPU", "true")):
         monkeypatch.setenv(name, value)  # as a launched process: trains where it is
     for stage, over in (("refine", dict(steps=7, lr=3e-4, stop_at=5, init=str(out / "teacher"), swap=0.5)),
@@ -505,7 +506,7 @@ def test_pool_rows_split_over_processes_like_the_batch(run, monkeypatch):
 def test_own_inputs_are_the_students_own_chain(run):
     """Backward simulation (Hyper.backward): a row at s gets the 4-step chain the sampler would run, unrolled here
     by hand from the same draws: x0 at pure noise (t = 999), re-noised to 749, x0 there, ..., down to s."""
-    from fewstep.loading import load_unet
+    from fewstep.loading.folders import load_unet
     from fewstep.schedules import alphas_cumprod
     from fewstep.train.distill import STUDENT_TIMESTEPS, to_x0
     from fewstep.train.export import STUDENT_PREDICTION, TRAIN_SCHEDULE
@@ -583,7 +584,7 @@ def test_swap_option_trains_and_logs(run, tmp_path):
 def test_latent_data_draws_the_stage_mix(run):
     """LatentData renders the stage's scene mix: (two-object fraction, caption-part drop) = (1, 0) gives
     full two-object captions only, and the default mix is the renderer's default batch."""
-    from fewstep.shapes.render import batch
+    from fewstep.shapes.data import batch
     from fewstep.train.common import seed_for
     from fewstep.train.sizes import TINY
     from fewstep.train.teacher import LatentData
@@ -597,7 +598,7 @@ def test_latent_data_draws_the_stage_mix(run):
 def test_latent_data_encodes_in_bf16_where_the_cpu_has_it(run):
     """The data stream's VAE encoder runs under bf16 autocast when `native_bf16("cpu")` (the recipe's setting, docs/
     SHAPES.md 24th-26th sessions): fp32 latents a little off the fp32 encoder's, same captions; off, exactly fp32."""
-    from fewstep.pipeline import native_bf16
+    from fewstep.loading.dtypes import native_bf16
     from fewstep.train.sizes import TINY
     from fewstep.train.teacher import LatentData
     data = LatentData(run[0], "teacher", TINY, 0, 6, 0, 0.0, run[0] / "clip" / "text_encoder")
@@ -672,7 +673,7 @@ def test_training_steps_keep_to_the_batch_device(run, monkeypatch):
     teacher) goes to the device of the batch and models: run on the meta device, any tensor left on the CPU
     would make the step fail. Draws are made on the CPU from the step's generator, so they are the same
     numbers on any device; `to_device` moves a batch's tensors and leaves its seeds and captions."""
-    from fewstep.loading import load_text_encoder, load_unet
+    from fewstep.loading.folders import load_text_encoder, load_unet
     from fewstep.train.common import to_device
     from fewstep.schedules import alphas_cumprod
     from fewstep.train.export import TRAIN_SCHEDULE

@@ -19,7 +19,6 @@ from torch import nn
 
 from ..configs import TAEConfig
 from ..errors import FewstepError
-from ..weights import build, read_state_dict
 from .layers import nearest_up_conv
 
 
@@ -129,7 +128,7 @@ def taesd_to_diffusers(sd: dict, side: str) -> dict:
     return out
 
 
-def _latent_channels(sd: dict) -> int:
+def latent_channels(sd: dict) -> int:
     """Latent channels from tensor shapes: the decoder's first conv input, the encoder's last conv output."""
     found = set()
     if "decoder.layers.0.weight" in sd:
@@ -140,22 +139,3 @@ def _latent_channels(sd: dict) -> int:
     if len(found) > 1:
         raise FewstepError(f"TAESD encoder and decoder disagree on latent channels: {sorted(found)}")
     return found.pop() if found else TAEConfig.latent_channels  # none found: the key check will report
-
-
-def load_taesd(encoder_path=None, decoder_path=None, device="cpu",
-               dtype: torch.dtype = torch.float32) -> TinyAutoencoder:
-    """Load original TAESD files (taesd_encoder / taesd_decoder, .safetensors or .pth); either may be None.
-
-    A `.pth` named here is read with `torch.load(weights_only=True)`: passing its path is the consent
-    that `allow_pickle` asks for elsewhere. Latent channels come from the tensors' shapes."""
-    if encoder_path is None and decoder_path is None:
-        raise FewstepError("load_taesd needs an encoder file, a decoder file, or both")
-    sd, names = {}, []
-    for side, path in (("encoder", encoder_path), ("decoder", decoder_path)):
-        if path is not None:
-            sd.update(taesd_to_diffusers(read_state_dict(path, allow_pickle=True), side))
-            names.append(str(path))
-    cfg = TAEConfig(latent_channels=_latent_channels(sd))
-    return build(lambda: TinyAutoencoder(cfg, with_encoder=encoder_path is not None,
-                                         with_decoder=decoder_path is not None),
-                 sd, "TAESD weights " + " + ".join(names), device, dtype)

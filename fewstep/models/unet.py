@@ -88,15 +88,19 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, context_dim, heads, upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
-        self.kv_downsample = 1  # > 1: self-attention keys/values from pooled tokens (accel.set_token_downsample)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """x: [B, H*W, C] tokens of an H x W grid (`size`, needed when kv_downsample > 1)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, size: tuple[int, int] | None = None,
+                kv_downsample: int = 1) -> torch.Tensor:
+        """x: [B, H*W, C] tokens of an H x W grid (`size`, needed when kv_downsample > 1: the
+        self-attention's keys and values then come from kv_downsample x kv_downsample-pooled tokens)."""
         h = self.norm1(x)
         if self.only_cross:
             kv = context
-        elif self.kv_downsample > 1:
-            kv = downsample_tokens(h, size, self.kv_downsample)
+        elif kv_downsample > 1:
+            if self.attn1.to_qkv is not None:
+                raise FewstepError("token downsampling needs separate q and k/v projections, but they were fused "
+                                   "without it: load the model again with both options together")
+            kv = downsample_tokens(h, size, kv_downsample)
         else:
             kv = None
         x = x + self.attn1(h, kv)
@@ -112,6 +116,8 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         c = cfg.block_out_channels[level]
         self.level = level  # 0: full latent resolution
+        # ToDo pools the self-attention keys / values of the highest-resolution level with attention only
+        self.pools_tokens = level == cfg.top_attention_level and not only_cross
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, c, eps=1e-6)
         self.proj_in = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
@@ -120,8 +126,10 @@ class Transformer2DModel(nn.Module):
             for _ in range(cfg.transformer_depth[level]))
         self.proj_out = nn.Linear(c, c) if self.linear else nn.Conv2d(c, c, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, token_downsample: int = 1) -> torch.Tensor:
+        """`token_downsample`: ToDo's pooling factor, applied where `pools_tokens` (1: off)."""
         b, c, h, w = x.shape
+        factor = token_downsample if self.pools_tokens else 1
         t = self.norm(x)
         if not self.linear:
             t = self.proj_in(t)
@@ -129,7 +137,7 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             t = self.proj_in(t)
         for block in self.transformer_blocks:
-            t = block(t, context, (h, w))
+            t = block(t, context, (h, w), factor)
         if self.linear:
             t = self.proj_out(t)
         t = t.reshape(b, h, w, c).permute(0, 3, 1, 2)  # [B, C, H, W] with channels-last strides
@@ -155,11 +163,11 @@ class DownBlock(nn.Module):
         last = level == len(boc) - 1
         self.downsamplers = nn.ModuleList([] if last else [Downsample2D(c)])
 
-    def forward(self, x, temb, context, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, temb, context, skips: list[torch.Tensor], token_downsample: int = 1) -> torch.Tensor:
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, token_downsample)
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
@@ -178,9 +186,9 @@ class MidBlock(nn.Module):
             ResnetBlock2D(c, c, cfg.time_embed_dim, cfg.norm_num_groups, cfg.norm_eps) for _ in range(2))
         self.attentions = nn.ModuleList([Transformer2DModel(cfg, level, only_cross=False)])
 
-    def forward(self, x, temb, context) -> torch.Tensor:
+    def forward(self, x, temb, context, token_downsample: int = 1) -> torch.Tensor:
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context)
+        x = self.attentions[0](x, context, token_downsample)
         return self.resnets[1](x, temb)
 
 
@@ -205,11 +213,11 @@ class UpBlock(nn.Module):
             for _ in range(layers) if cfg.up_attention[index])
         self.upsamplers = nn.ModuleList([Upsample2D(c)] if level > 0 else [])
 
-    def forward(self, x, temb, context, skips: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, temb, context, skips: list[torch.Tensor], token_downsample: int = 1) -> torch.Tensor:
         for j, resnet in enumerate(self.resnets):
             x = resnet(torch.cat([x, skips.pop()], dim=1), temb)
             if self.attentions:
-                x = self.attentions[j](x, context)
+                x = self.attentions[j](x, context, token_downsample)
         for up in self.upsamplers:
             x = up(x, size=skips[-1].shape[-2:])  # odd latent sizes: match the skip, not just x2
         return x
@@ -249,7 +257,7 @@ class UNet(nn.Module):
         add = torch.cat([text_embeds.to(emb.dtype), ids.to(emb.dtype)], dim=-1)  # [B, 1280 + 1536]
         return emb + self.add_embedding(add)
 
-    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, token_downsample: int = 1
                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The first half of `forward`: conv_in, the down blocks, the mid block. Returns the mid block's
         output, the skips the up path eats, and each down block's output (the features a latent
@@ -257,17 +265,19 @@ class UNet(nn.Module):
         x = self.conv_in(x)
         skips, outputs = [x], []  # the down path pushes, the up path pops
         for block in self.down_blocks:
-            x = block(x, emb, context, skips)
+            x = block(x, emb, context, skips, token_downsample)
             outputs.append(x)
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, context)
+            x = self.mid_block(x, emb, context, token_downsample)
         return x, skips, outputs
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
-                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+                timestep_cond: torch.Tensor | None = None, token_downsample: int = 1) -> torch.Tensor:
+        """`token_downsample`: ToDo (Smith et al. 2024), an approximation: the highest-resolution
+        self-attention takes keys / values from F x F-pooled tokens (1: off, the exact model)."""
         emb = self.time_embed(x, t, text_embeds, time_ids, timestep_cond)
-        x, skips, _ = self.encode(x, emb, context)
+        x, skips, _ = self.encode(x, emb, context, token_downsample)
         for block in self.up_blocks:
-            x = block(x, emb, context, skips)
+            x = block(x, emb, context, skips, token_downsample)
         return self.conv_out(F.silu(self.conv_norm_out(x)))

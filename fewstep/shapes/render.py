@@ -125,25 +125,6 @@ def render(scene: Scene, size: int = 128) -> np.ndarray:
     return np.asarray(image.reduce(SUPERSAMPLE))
 
 
-def batch(seed: int, n: int, size: int = 128, drop: float = 0.3,
-          two: float = 0.5) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """n images [n, size, size, 3] uint8, their captions and scenes; the same for the same (seed, n),
-    and batch(seed, m) is a prefix of batch(seed, n) for m < n. Each optional caption part (size,
-    position, background) is left out with probability `drop`; a scene has two objects with
-    probability `two` (the default 0.5 draws exactly what `sample_scene(rng)` draws)."""
-    from .caption import caption  # caption.py imports this module's vocabulary
-
-    if not (0 <= drop <= 1 and 0 <= two <= 1):
-        raise FewstepError(f"drop and two are probabilities between 0 and 1, not {drop} and {two}")
-    rng = np.random.default_rng(seed)
-    scenes, captions = [], []
-    for _ in range(n):
-        scenes.append(sample_scene(rng, 1 + int(rng.random() < two)))
-        captions.append(caption(scenes[-1], rng, drop))
-    images = np.stack([render(s, size) for s in scenes]) if n else np.zeros((0, size, size, 3), np.uint8)
-    return images, captions, scenes
-
-
 def contact_sheet(images, captions: list[str], cols: int = 4, width: int = 200) -> Image.Image:
     """A grid of images, each with its caption wrapped beneath: for docs and training previews."""
     font = ImageFont.load_default(size=13)

@@ -21,11 +21,12 @@ import json
 import os
 import sys
 
-STAGE_CHOICES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "swap", "pool", "student", "export", "all")
+from ..errors import FewstepError
+from .recipe import ONE_PROCESS, STAGES, TEACHER_STAGES, run_all, run_stage
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=STAGE_CHOICES, help="one stage, or all of them in order")
+    p.add_argument("stage", choices=(*STAGES, "all"), help="one stage, or all of them in order")
     p.add_argument("--out", required=True, help="run folder: every stage reads and writes here")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of the stage (default: the recipe's)")
     p.add_argument("--batch", type=int, default=None, help="global batch size of the stage")
@@ -78,8 +79,6 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from ..errors import FewstepError
-    from .recipe import ONE_PROCESS, TEACHER_STAGES, run_all, run_stage
     if a.cpu:  # accelerate's own switch (`accelerate launch --cpu` sets it too), read by common.on_cpu
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.processes is not None and a.processes < 1:
@@ -121,7 +120,6 @@ def cmd_train(a: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import FewstepError
     parser = argparse.ArgumentParser(prog="fewstep train", description="train shapes-turbo from scratch")
     _args(parser)
     try:

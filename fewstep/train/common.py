@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 STAGE_IDS = {"clip": 1, "vae": 2, "teacher": 3, "student": 4, "refine": 5, "pairs": 6, "pool": 7, "swap": 8}
@@ -37,16 +38,6 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def tensor_to_images(x: torch.Tensor) -> np.ndarray:
-    """[N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3], rounded as the pipeline rounds."""
-    return ((x.detach().float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -55,7 +46,7 @@ def on_cpu() -> bool:
     """Whether training runs on the CPU: asked for (accelerate's ACCELERATE_USE_CPU, which `fewstep train --cpu`
     and `accelerate launch --cpu` set) or no GPU. Told explicitly, not left to accelerate: several processes
     without a GPU must still know they are CPU processes, or they would each train alone instead of over gloo."""
-    from accelerate.utils import parse_flag_from_env
+    from accelerate.utils import parse_flag_from_env  # lazy: optional (pip install 'fewstep[train]')
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
@@ -64,7 +55,7 @@ def make_accelerator(workers: int = 0):
     train --cpu` or `accelerate launch --cpu`, both by accelerate's ACCELERATE_USE_CPU), with torch threads
     split between the processes and their data workers: oversubscribed OpenMP threads spin, and run
     several times slower than the same work on fewer threads."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator  # lazy: optional (pip install 'fewstep[train]')
     accel = Accelerator(cpu=on_cpu())
     torch.set_num_threads(max(1, cpu_count() // accel.num_processes - workers))
     return accel
@@ -100,7 +91,6 @@ def write_json(path: Path, data: dict) -> None:
 
 def save_weights(state_dict: dict, path: Path, dtype: torch.dtype | None = None) -> None:
     """A safetensors file of contiguous CPU tensors (floats cast to `dtype` when given)."""
-    from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
           for k, v in state_dict.items()}

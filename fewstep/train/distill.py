@@ -50,12 +50,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..denoiser import scalings
+from ..loading.folders import load_unet
 from ..schedules import alphas_cumprod
 from .common import EMA, batches, generator, set_lr, warmup_lr
-from .export import STUDENT_PREDICTION, TRAIN_SCHEDULE
+from .evaluate import finish_unet, preview
+from .export import STUDENT_PREDICTION, STUDENT_SCHEDULER, TRAIN_SCHEDULE
 from .loop import Hyper, Stage
+from .pool import Pool, rows_per_process
+from .runs import teacher_folder, text_encoder_folder
 from .sizes import Sizes
-from .teacher import GUIDANCE, LatentData, diffuse, teacher_folder, text_encoder_folder
+from .teacher import GUIDANCE, LatentData, diffuse
 
 STUDENT_TIMESTEPS = (999, 749, 499, 249)  # trailing spacing of 4 steps: what the exported scheduler uses
 STUDENT_WEIGHTS = (0.7, 0.1, 0.1, 0.1)  # t = 999 (one step) drawn most; on the two-process recipe's teacher 0.7
@@ -282,10 +286,8 @@ def student_timesteps(n: int, g: torch.Generator, one_step: float | None = None)
 def student_setup(stage: Stage, out: Path, sizes: Sizes, seed: int, disc_lr: float = 1e-4) -> tuple:
     """The student stage's parts from OUT's final teacher (and pool, with Hyper.pool): (the ADD trainer, whose
     student is a copy of the teacher and whose discriminator is fresh, the data stream, the teacher)."""
-    from ..loading import load_unet
     hyper, pool = stage.hyper, None
     if hyper.pool:
-        from .pool import Pool, rows_per_process
         pool = Pool(out, k=rows_per_process(stage.per_process, hyper.batch))
     data = LatentData(out, "student", sizes, seed, stage.per_process, stage.rank, dropout=0.0,
                       text_folder=text_encoder_folder(out), mix=(hyper.two_objects, hyper.caption_drop), pool=pool)
@@ -301,8 +303,6 @@ def student_setup(stage: Stage, out: Path, sizes: Sizes, seed: int, disc_lr: flo
 def train_student(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool, disc_lr: float = 1e-4) -> dict:
     """ADD from the final teacher (OUT/swap/unet), plus regression onto its pool (OUT/pool); writes the
     student's EMA weights to OUT/student/unet/ and returns a quick 1-step accuracy check (full size only)."""
-    from .evaluate import finish_unet, preview
-    from .export import STUDENT_SCHEDULER
     out = Path(out)
     stage = Stage("student", out, hyper, seed)
     add, data, teacher = student_setup(stage, out, sizes, seed, disc_lr)

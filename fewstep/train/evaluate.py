@@ -12,8 +12,17 @@ from pathlib import Path
 import torch
 
 from ..configs import SchedulerConfig
-from ..evaluation import generate
-from ..pipeline import Defaults, Pipeline
+from ..loading.folders import load_autoencoder, load_text_encoder, load_unet
+from ..pipeline import Pipeline
+from ..request import Defaults
+from ..shapes.caption import sample_prompts
+from ..shapes.clip import clip_score, load_clip
+from ..shapes.evaluate import accuracy
+from ..shapes.metrics import generate
+from ..shapes.render import contact_sheet
+from ..tokenizer import CLIPTokenizer
+from .export import save_unet
+from .runs import text_encoder_folder
 
 
 def run_pipeline(run: Path, unet_folder: Path, scheduler: dict, steps: int, guidance: float,
@@ -21,9 +30,6 @@ def run_pipeline(run: Path, unet_folder: Path, scheduler: dict, steps: int, guid
     """An in-memory fp32 pipeline from a run folder's components (before export), with `scheduler`
     (export.TEACHER_SCHEDULER or STUDENT_SCHEDULER); the text encoder from `text_folder`, by default the
     final teacher's."""
-    from ..loading import load_autoencoder, load_text_encoder, load_unet
-    from ..tokenizer import CLIPTokenizer
-    from .teacher import text_encoder_folder
     run = Path(run)
     return Pipeline(unet=load_unet(unet_folder), vae=load_autoencoder(run / "vae"),
                     text_encoders=[load_text_encoder(text_folder or text_encoder_folder(run))],
@@ -35,8 +41,6 @@ def run_pipeline(run: Path, unet_folder: Path, scheduler: dict, steps: int, guid
 def evaluate(pipe: Pipeline, n: int = 200, seed: int = 0, clip_folder: Path | None = None,
              sheet: Path | None = None, **kw) -> dict:
     """Accuracy (one / two / all) on the first n eval prompts, seconds per image, mean CLIP score."""
-    from ..shapes.caption import sample_prompts
-    from ..shapes.evaluate import accuracy
     prompts = sample_prompts(seed, n)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -44,11 +48,9 @@ def evaluate(pipe: Pipeline, n: int = 200, seed: int = 0, clip_folder: Path | No
     result = accuracy(prompts, list(images))
     result["seconds_per_image"] = round((time.perf_counter() - t0) / n, 4)
     if clip_folder is not None and Path(clip_folder).is_dir():
-        from .clip import clip_score, load_clip
         model, tok = load_clip(clip_folder)
         result["clip_score"] = round(float(clip_score(model, tok, images, prompts).mean()), 2)
     if sheet is not None:
-        from ..shapes.render import contact_sheet
         Path(sheet).parent.mkdir(parents=True, exist_ok=True)
         contact_sheet(images[:16], prompts[:16], cols=8, width=160).save(sheet)
     return result
@@ -69,8 +71,6 @@ def preview(unet: torch.nn.Module, data, scheduler: dict, steps: int, guidance: 
             text: torch.nn.Module | None = None) -> None:
     """A contact sheet of n eval prompts from a UNet in training (with `text`, or else the stage's
     frozen text encoder, and the tokenizer and VAE from `data`, a teacher.LatentData)."""
-    from ..shapes.caption import sample_prompts
-    from ..shapes.render import contact_sheet
     unet, text = unet.cpu().eval(), (data.text if text is None else text).cpu().eval()  # copies: the VAE is there
     pipe = Pipeline(unet=unet, vae=data.vae, text_encoders=[text], tokenizers=[data.tokenizer],
                     scheduler=SchedulerConfig.from_diffusers(scheduler),
@@ -84,7 +84,6 @@ def finish_unet(run: Path, name: str, unet: torch.nn.Module, sizes, scheduler: d
                 n: int, text_folder: Path | None = None) -> dict:
     """A UNet stage's end: its (EMA) weights to OUT/NAME/unet/ (fp32), then a quick check on n eval
     prompts with `text_folder`'s text encoder (full size only: the evaluator reads 128x128 scenes)."""
-    from .export import save_unet
     save_unet(Path(run) / name / "unet", unet)
     if sizes.image < 128:
         return {}

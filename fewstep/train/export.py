@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from ..configs import SchedulerConfig, UNetConfig, VAEConfig, read_json
+from ..loading.folders import load_autoencoder, load_text_encoder, load_unet
 from .common import save_weights, write_json
+from .runs import text_encoder_folder
 
 DIFFUSERS_VERSION = "0.42.1"
 TRAIN_SCHEDULE = SchedulerConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -100,8 +102,6 @@ def save_vae(folder: Path, vae: torch.nn.Module, sample_size: int, dtype: torch.
 
 def export_pipeline(run: Path, unet_folder: Path, dest: Path, scheduler: dict, defaults: dict) -> Path:
     """A standalone fp16 pipeline folder at `dest` from a run folder's trained components."""
-    from ..loading import load_autoencoder, load_text_encoder, load_unet
-    from .teacher import text_encoder_folder
     run, dest = Path(run), Path(dest)
     if dest.exists():
         shutil.rmtree(dest)

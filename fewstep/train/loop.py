@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from ..errors import FewstepError
 from .common import Counter, cpu_count, make_accelerator, to_device
 
 
@@ -72,7 +74,7 @@ class LossLog:
 
     def plot(self, title: str) -> Path | None:
         """The loss curves as OUT/logs/STAGE.png (skipped when matplotlib is not installed)."""
-        try:
+        try:  # lazy: matplotlib is optional (pip install 'fewstep[train]')
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
@@ -110,7 +112,6 @@ class Stage:
         self.log = LossLog(self.out / "logs" / f"{name}.jsonl")
         world = self.accel.num_processes
         if hyper.batch % world:
-            from ..errors import FewstepError
             raise FewstepError(f"--batch {hyper.batch} does not split over {world} processes")
         self.per_process = hyper.batch // world
 
@@ -154,7 +155,6 @@ class Stage:
         """step_fn(step, batch) -> losses, for the remaining steps; logs, checkpoints, plots, and
         calls on_preview(step) every `preview_every` steps (main process only).
         Returns whether the stage is complete (False when `stop_at` ended it early)."""
-        from tqdm.auto import tqdm
         h, start = self.hyper, self.counter.step
         stop = h.steps if h.stop_at is None else min(h.steps, h.stop_at)
         bar = tqdm(total=h.steps, initial=start, desc=self.name, disable=not self.main, dynamic_ncols=True,

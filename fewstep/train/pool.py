@@ -23,9 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..errors import FewstepError
-from .common import generator, seed_for, tensor_to_images
+from ..imaging import to_uint8
+from ..shapes.data import batch
+from ..shapes.evaluate import score
+from .common import generator, seed_for
+from .evaluate import run_pipeline
+from .export import TEACHER_SCHEDULER
+from .runs import pool_path, teacher_folder
 
 POOL_SAMPLER, POOL_STEPS = "dpmpp_2m", 8  # deterministic: the target is a function of z; 8 steps keep as many
 # samples right as 15 (the student no worse: docs/SHAPES.md, eighteenth and twenty-fourth sessions) in 60% of the time
@@ -39,12 +46,8 @@ POOL_MIX = (0.7, 0.3)  # fraction of two-object captions (what the one-step stud
 def rows_per_process(per_process: int, batch: int) -> int:
     """A process's share of a step's POOL_ROWS, as of its share of the batch (at least one): the regression sums
     over its pool rows over its batch rows, as the distillation does, so its weight does not grow with processes
-    (two processes each drawing all 8 doubled it, twenty-third session)."""
+    (two processes each drawing all 8 doubled it)."""
     return max(1, POOL_ROWS * per_process // batch)
-
-
-def pool_path(run: Path) -> Path:
-    return Path(run) / "pool" / "pool.safetensors"
 
 
 @torch.no_grad()
@@ -53,13 +56,6 @@ def make_pool(run: Path, n: int, seed: int, mix: tuple[float, float] = POOL_MIX,
     """n teacher samples (the final teacher, OUT/swap; POOL_GUIDANCE) from seeded noise for captions
     drawn with `mix` (the renderer's `two`, `drop`); keeps the ones the evaluator scores right (all of them below 128x128,
     where it cannot read), writes them to `pool_path(run)` and returns the counts."""
-    from tqdm import tqdm
-
-    from ..shapes.evaluate import score
-    from ..shapes.render import batch
-    from .evaluate import run_pipeline
-    from .export import TEACHER_SCHEDULER
-    from .teacher import teacher_folder
     run = Path(run)
     pipe = run_pipeline(run, teacher_folder(run) / "unet", TEACHER_SCHEDULER, POOL_STEPS, POOL_GUIDANCE)
     seed = seed_for(seed, "pool", 0, 0)
@@ -71,7 +67,7 @@ def make_pool(run: Path, n: int, seed: int, mix: tuple[float, float] = POOL_MIX,
         part = captions[j:j + chunk]
         z = torch.randn((len(part), pipe.unet.cfg.in_channels, side, side), generator=g)
         x0 = pipe(part, latents=z, sampler=POOL_SAMPLER, progress=False, output_type="latent")
-        images = tensor_to_images(pipe.decode(x0))
+        images = to_uint8(pipe.decode(x0))
         right = [score(c, im) for c, im in zip(part, images)] if images.shape[1] >= 128 else [True] * len(part)
         rows = torch.tensor(np.flatnonzero(right), dtype=torch.long)
         keep["z"].append(z[rows])

@@ -24,37 +24,37 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .loop import Hyper
-from .sizes import SETTINGS, sizes
+import torch
 
-STAGES = ("tokenizer", "clip", "vae", "teacher", "refine", "pairs", "swap", "pool", "student", "export")
-OUTPUTS = {"tokenizer": "tokenizer/vocab.json", "clip": "clip/text_encoder/model.safetensors",
-           "vae": "vae/diffusion_pytorch_model.safetensors", "teacher": "teacher/unet/diffusion_pytorch_model.safetensors",
-           "refine": "refine/unet/diffusion_pytorch_model.safetensors",
-           "pairs": "pairs/unet/diffusion_pytorch_model.safetensors",
-           "swap": "swap/unet/diffusion_pytorch_model.safetensors",
-           "pool": "pool/pool.safetensors",
-           "student": "student/unet/diffusion_pytorch_model.safetensors", "export": "shapes-turbo/model_index.json"}
-TEACHER_STAGES = ("teacher", "refine", "pairs", "swap")  # the stages that train a teacher (train_teacher)
-UNET_STAGES = (*TEACHER_STAGES, "student")  # what `all --processes N` runs on N processes
-ONE_PROCESS = ("tokenizer", "pool", "export")  # no optimiser steps: no Hyper, run by the main process
-# Sampling defaults written to each exported folder's fewstep.json, chosen by bench/sampler_study.py and
-# `fewstep eval` (docs/SHAPES.md, "Sampler study" and "Ninth session"). The teacher: Euler ancestral, whose
-# fresh noise each step corrects what the deterministic samplers keep (98.0% / 44.0% one- / two-object
-# against Euler's 96.8% / 37.6% on the eighth session's teacher), at guidance 4: on the ninth session's
-# teacher it beat 5 (the distillation target, teacher.GUIDANCE) on all three 500-prompt seeds tried, chosen on
-# seeds 1 and 2 (98.8 / 52.4 and 98.0 / 50.4 against 98.0 / 48.8 and 97.6 / 49.2); on the tenth session's
-# teacher, seed 0: 3: 98.8 / 69.6, 4: 99.2 / 69.6, 5: 98.8 / 67.6. On the twelfth session's (swap) teacher
-# 5 ties or beats 4 on both seeds (seed 0: 98.8 / 80.0 against 98.0 / 78.4; seed 1: 98.4 / 85.2 against
-# 98.4 / 84.8; 6 on seed 0: 98.4 / 80.0), so the default is now 5, the distillation target's scale as well.
+from ..errors import FewstepError
+from ..loading import load_pipeline
+from .clip import train_clip
+from .common import cpu_count, on_cpu
+from .distill import train_student
+from .evaluate import evaluate
+from .export import STUDENT_SCHEDULER, TEACHER_SCHEDULER, export_pipeline, folder_megabytes
+from .loop import Hyper
+from .pool import POOL_SIZE, make_pool
+from .runs import teacher_folder
+from .sizes import SETTINGS, sizes
+from .teacher import pairs_teacher, refine_teacher, swap_teacher, train_teacher
+from .tokenizer import train_tokenizer
+from .vae import train_vae
+
+# Sampling defaults written to each exported folder's fewstep.json, chosen by scripts/measure/sampler_study.py
+# and `fewstep eval` (docs/SHAPES.md, "Sampling defaults"). The teacher: Euler ancestral, whose fresh noise
+# each step corrects what the deterministic samplers keep, at guidance 5 (the distillation target's scale,
+# teacher.GUIDANCE), which tied or beat 4 and 6 on the final teacher.
 TEACHER_DEFAULTS = {"steps": 25, "guidance": 5.0, "sampler": "euler_a"}  # 5.0: teacher.GUIDANCE
 # The student: 4 steps of LCM's sampler (jump to x0, re-noise with fresh noise), the very move ADD trains
-# it on (eighth session: 98.8% / 45.6% against Euler's 94.8% / 42.4% at 4 steps; ninth: 94.0 / 45.2 against
-# 90.8 / 46.8 on seed 1); 4 steps also beat 2 and 1.
+# it on; 4 steps beat Euler at 4 steps, and 2 and 1 steps.
 STUDENT_DEFAULTS = {"steps": 4, "guidance": 0.0, "sampler": "lcm"}
 
 
@@ -69,41 +69,33 @@ def hyper(stage: str, tiny: bool, scale: float = 1.0, **overrides) -> Hyper:
 def run_stage(stage: str, out: Path, tiny: bool = False, seed: int = 0, resume: bool = False,
               evaluate_n: int = 200, **overrides) -> dict:
     """Run one stage; returns what it reports (wall time, and accuracies for export)."""
-    out, t0 = Path(out), time.perf_counter()
+    out, t0, spec = Path(out), time.perf_counter(), RECIPE[stage]
     _require(out, stage, init=overrides.get("init") is not None)
     report = {}
-    if stage in ONE_PROCESS:  # one process's work, also under `accelerate launch`
-        from accelerate import PartialState
-
-        from .common import on_cpu
+    if spec.train is None:  # one process's work, also under `accelerate launch`
+        from accelerate import PartialState  # lazy: optional (pip install 'fewstep[train]')
         state = PartialState(cpu=on_cpu())
-        if state.is_main_process and stage == "tokenizer":
-            from .tokenizer import train_tokenizer
-            report["vocab"] = len(train_tokenizer(out / "tokenizer", seed=seed, n=2000 if tiny else 20000,
-                                                   max_length=sizes(tiny).context))
-        elif state.is_main_process and stage == "pool":
-            import torch
-
-            from .common import cpu_count
-            from .pool import POOL_SIZE, make_pool
+        if state.is_main_process:
             torch.set_num_threads(cpu_count())
-            report.update(make_pool(out, POOL_SIZE["tiny" if tiny else "full"], seed))
-        elif state.is_main_process:
-            import torch
-
-            from .common import cpu_count
-            torch.set_num_threads(cpu_count())
-            report.update(export_and_score(out, tiny, evaluate_n))
+            report.update(spec.run(out, tiny, seed, evaluate_n))
         state.wait_for_everyone()
     else:
-        from .common import on_cpu
         h = hyper(stage, tiny, **overrides)
         if h.processes > 1 and on_cpu() and not launched():
             launch(stage, out, tiny, seed, resume, h)
         else:
-            report.update(_trainer(stage)(out, sizes(tiny), h, seed, resume) or {})
+            report.update(spec.train(out, sizes(tiny), h, seed, resume) or {})
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
+
+
+def _tokenizer_stage(out: Path, tiny: bool, seed: int, evaluate_n: int) -> dict:
+    vocab = train_tokenizer(out / "tokenizer", seed=seed, n=2000 if tiny else 20000, max_length=sizes(tiny).context)
+    return {"vocab": len(vocab)}
+
+
+def _pool_stage(out: Path, tiny: bool, seed: int, evaluate_n: int) -> dict:
+    return make_pool(out, POOL_SIZE["tiny" if tiny else "full"], seed)
 
 
 def launched() -> bool:
@@ -114,7 +106,6 @@ def launched() -> bool:
 def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h: Hyper) -> list[str]:
     """`accelerate launch` of `fewstep.train.cli STAGE` as h.processes CPU processes with the settings of `h`
     (steps already scaled), each making its own share of the batch on its own core (no data worker)."""
-    import sys
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(h.processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep.train.cli",
            stage, "--out", str(out), "--cpu", "--workers", "0", "--processes", "1", "--seed", str(seed),
@@ -132,9 +123,6 @@ def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h
 
 def launch(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h: Hyper) -> None:
     """Train a stage as h.processes data-parallel CPU processes (`launch_command`); they print their own progress."""
-    import subprocess
-
-    from ..errors import FewstepError
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEWSTEP_LAUNCHED": "1"}  # threads: make_accelerator sets them
     done = subprocess.run(launch_command(stage, out, tiny, seed, resume, h), env=env)
     if done.returncode:
@@ -145,48 +133,16 @@ def launch(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h: Hyper)
 def _require(out: Path, stage: str, init: bool = False) -> None:
     """The outputs of the earlier stages this one reads, or a one-line error naming the stage to run. With
     `init` (--init DIR) refine, pairs and swap fine-tune DIR, so they need no earlier teacher stage in OUT."""
-    from ..errors import FewstepError
-    base = ("tokenizer", "clip", "vae")
-    needs = {"tokenizer": (), "clip": ("tokenizer",), "vae": (), "teacher": base,
-             "refine": base if init else (*base, "teacher"), "pairs": base if init else (*base, "refine"),
-             "swap": base if init else (*base, "pairs"), "pool": (*base, "swap"), "student": (*base, "swap", "pool"),
-             "export": (*base, "swap", "student")}
-    for earlier in needs[stage]:
-        if not (out / OUTPUTS[earlier]).is_file():
-            raise FewstepError(f"stage '{stage}' needs {out / OUTPUTS[earlier]}: run `fewstep train {earlier} "
+    spec = RECIPE[stage]
+    for earlier in BASE if init and spec.teacher else spec.needs:
+        if not (out / RECIPE[earlier].output).is_file():
+            raise FewstepError(f"stage '{stage}' needs {out / RECIPE[earlier].output}: run `fewstep train {earlier} "
                                f"--out {out}` first (or `fewstep train all`)")
 
 
-def _trainer(stage: str):
-    if stage == "clip":
-        from .clip import train_clip
-        return train_clip
-    if stage == "vae":
-        from .vae import train_vae
-        return train_vae
-    if stage == "teacher":
-        from .teacher import train_teacher
-        return train_teacher
-    if stage == "refine":
-        from .teacher import refine_teacher
-        return refine_teacher
-    if stage == "pairs":
-        from .teacher import pairs_teacher
-        return pairs_teacher
-    if stage == "swap":
-        from .teacher import swap_teacher
-        return swap_teacher
-    from .distill import train_student
-    return train_student
-
-
-def export_and_score(out: Path, tiny: bool, n: int) -> dict:
-    """Write OUT/shapes-teacher and OUT/shapes-turbo, load them with `fewstep.load`, score the teacher at its
-    defaults and the student at 1 step (`student`) and 4 (`student_4_steps`)."""
-    from .. import load
-    from .evaluate import evaluate
-    from .export import STUDENT_SCHEDULER, TEACHER_SCHEDULER, export_pipeline, folder_megabytes
-    from .teacher import teacher_folder
+def export_and_score(out: Path, tiny: bool, seed: int = 0, n: int = 200) -> dict:
+    """Write OUT/shapes-teacher and OUT/shapes-turbo, load them as `fewstep.load` does, score the teacher at
+    its defaults and the student at 1 step (`student`) and 4 (`student_4_steps`)."""
     folders = {"teacher": export_pipeline(out, teacher_folder(out) / "unet", out / "shapes-teacher", TEACHER_SCHEDULER,
                                           TEACHER_DEFAULTS),
                "student": export_pipeline(out, out / "student" / "unet", out / "shapes-turbo", STUDENT_SCHEDULER,
@@ -195,7 +151,7 @@ def export_and_score(out: Path, tiny: bool, n: int) -> dict:
     if n <= 0 or tiny:
         return report
     for name, folder in folders.items():
-        pipe = load(folder)
+        pipe = load_pipeline(folder)
         one_step = {"steps": 1} if name == "student" else {}  # the student's own default is 4 steps (below)
         report[name] = evaluate(pipe, n, clip_folder=out / "clip", sheet=out / "samples" / f"{name}.png", **one_step)
         if name == "student":
@@ -214,7 +170,7 @@ def run_all(out: Path, tiny: bool = False, seed: int = 0, resume: bool = False, 
     path = out / "report.json"
     report = json.loads(path.read_text()) if resume and path.is_file() else {}
     for stage in STAGES:
-        if resume and (out / OUTPUTS[stage]).is_file() and stage in report:
+        if resume and (out / RECIPE[stage].output).is_file() and stage in report:
             continue
         extra = {} if stage in ONE_PROCESS else {"scale": scale, "workers": workers}
         if stage in UNET_STAGES:
@@ -222,3 +178,36 @@ def run_all(out: Path, tiny: bool = False, seed: int = 0, resume: bool = False, 
         report[stage] = run_stage(stage, out, tiny, seed, resume, evaluate_n, **extra)
         path.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of the recipe: the file whose presence means it is done, the stages whose outputs it reads,
+    and what runs it: `train(out, sizes, hyper, seed, resume)` for a training stage (optimiser steps,
+    a `Hyper`, accelerate processes), else `run(out, tiny, seed, evaluate_n)` in the main process."""
+
+    output: str
+    needs: tuple[str, ...]
+    train: Callable | None = None
+    run: Callable | None = None
+    teacher: bool = False  # a `train_teacher` stage: takes the teacher options (--init, --swap, ...)
+
+
+UNET = "unet/diffusion_pytorch_model.safetensors"
+BASE = ("tokenizer", "clip", "vae")  # what every UNet stage reads
+RECIPE: dict[str, StageSpec] = {
+    "tokenizer": StageSpec("tokenizer/vocab.json", (), run=_tokenizer_stage),
+    "clip": StageSpec("clip/text_encoder/model.safetensors", ("tokenizer",), train_clip),
+    "vae": StageSpec("vae/diffusion_pytorch_model.safetensors", (), train_vae),
+    "teacher": StageSpec(f"teacher/{UNET}", BASE, train_teacher, teacher=True),
+    "refine": StageSpec(f"refine/{UNET}", (*BASE, "teacher"), refine_teacher, teacher=True),
+    "pairs": StageSpec(f"pairs/{UNET}", (*BASE, "refine"), pairs_teacher, teacher=True),
+    "swap": StageSpec(f"swap/{UNET}", (*BASE, "pairs"), swap_teacher, teacher=True),
+    "pool": StageSpec("pool/pool.safetensors", (*BASE, "swap"), run=_pool_stage),
+    "student": StageSpec(f"student/{UNET}", (*BASE, "swap", "pool"), train_student),
+    "export": StageSpec("shapes-turbo/model_index.json", (*BASE, "swap", "student"), run=export_and_score),
+}
+STAGES = tuple(RECIPE)
+TEACHER_STAGES = tuple(name for name, s in RECIPE.items() if s.teacher)
+UNET_STAGES = (*TEACHER_STAGES, "student")  # what `all --processes N` runs on N processes
+ONE_PROCESS = tuple(name for name, s in RECIPE.items() if s.train is None)  # no optimiser steps, no Hyper

@@ -48,10 +48,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import FewstepError
+from ..imaging import from_uint8
+from ..loading.dtypes import native_bf16
+from ..loading.folders import load_autoencoder, load_text_encoder, load_unet
 from ..models.unet import UNet
 from ..schedules import alphas_cumprod
-from .common import EMA, batches, count, generator, images_to_tensor, init_weights, seed_for, set_lr, warmup_lr
+from ..shapes.caption import swap_positions
+from ..shapes.data import batch
+from ..tokenizer import CLIPTokenizer
+from .common import EMA, batches, count, generator, init_weights, seed_for, set_lr, warmup_lr
+from .evaluate import finish_unet, preview
+from .export import TEACHER_SCHEDULER, TRAIN_SCHEDULE, save_text_encoder
 from .loop import Hyper, Stage
+from .runs import text_encoder_folder
 from .sizes import Sizes
 
 CAPTION_DROPOUT = 0.1
@@ -60,17 +70,6 @@ MIN_SNR_GAMMA = 5.0
 SWAP_MARGIN = 0.1  # swap contrast: the swapped caption's loss should be at least 10% above the true one's
 SWAP_MIN_T = 300  # ... at timesteps from here up, where a sample's layout is still being decided
 UNET_ZERO = ("conv2", "conv_out", "proj_out", "to_out.0")  # residual branches and the output start at 0
-
-
-def teacher_folder(run: Path) -> Path:
-    """The final teacher (after the swap stage): the one the student learns from and that ships."""
-    return Path(run) / "swap"
-
-
-def text_encoder_folder(run: Path) -> Path:
-    """The text encoder the UNets read: the final teacher's (the CLIP stage's, its layers trained on
-    with the UNet in the refine and pairs stages)."""
-    return teacher_folder(run) / "text_encoder"
 
 
 def text_prefix(text: nn.Module, ids: torch.Tensor, layers: int) -> torch.Tensor:
@@ -91,19 +90,15 @@ class LatentData:
     def __init__(self, run: Path, stage: str, sizes: Sizes, seed: int, n: int, rank: int, dropout: float,
                  text_folder: Path, prefix: int | None = None, mix: tuple[float, float] = (0.5, 0.3),
                  swap: bool = False, pool=None):
-        from ..loading import load_autoencoder, load_text_encoder
-        from ..tokenizer import CLIPTokenizer
         self.tokenizer = CLIPTokenizer.from_folder(Path(run) / "tokenizer")
         self.text = load_text_encoder(text_folder)
         self.vae = load_autoencoder(Path(run) / "vae")
         self.stage, self.sizes, self.seed, self.n, self.rank, self.dropout = stage, sizes, seed, n, rank, dropout
         self.prefix, self.mix, self.swap, self.pool = prefix, mix, swap, pool
-        from ..pipeline import native_bf16
         self.bf16 = native_bf16("cpu")  # the batch is made on the CPU, also for a GPU run
 
     @torch.no_grad()
     def __call__(self, step: int) -> dict:
-        from ..shapes.render import batch
         s = seed_for(self.seed, self.stage, step, self.rank)
         images, captions, _ = batch(s, self.n, size=self.sizes.image, drop=self.mix[1], two=self.mix[0])
         g = generator(s)
@@ -112,13 +107,12 @@ class LatentData:
         ids = self.tokenizer(captions)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):  # the encoder's convolutions in bf16
             # where the CPU has it: a third of the batch's time off (16 scenes: 45 against 68 ms on one thread),
-            # latents 0.5% of their std off (docs/SHAPES.md, twenty-fourth session); fp32 out, same noise
-            latents = self.vae.encode(images_to_tensor(images), g, sample=True)
+            # latents 0.5% of their std off (docs/log/2026-12-03-two-process-recipe.md); fp32 out, same noise
+            latents = self.vae.encode(from_uint8(images), g, sample=True)
         b = {"latents": latents, "seed": s, "captions": captions}
         if self.prefix is not None:
             b["hidden"] = text_prefix(self.text, ids, self.prefix)
             if self.swap:
-                from ..shapes.caption import swap_positions
                 swapped = [swap_positions(c) if c else None for c in captions]
                 index = [i for i, c in enumerate(swapped) if c is not None]
                 if index:
@@ -177,8 +171,6 @@ def training_noise(shape: tuple[int, ...], g: torch.Generator, offset: float) ->
 
 def _trained_teacher(init: str | Path) -> tuple[UNet, Path | None]:
     """`init`'s UNet (trainable) and its text encoder folder, when it has one."""
-    from ..errors import FewstepError
-    from ..loading import load_unet
     init = Path(init)
     weights = init / "unet" / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
@@ -230,9 +222,6 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     and OUT/NAME/text_encoder/ (diffusers / transformers layout, fp32) and returns a quick accuracy
     check (full size only: the evaluator needs 128x128 scenes). From random weights and the CLIP
     stage's text encoder, or with `hyper.init` from a trained teacher's folder."""
-    from ..loading import load_text_encoder
-    from .evaluate import finish_unet, preview
-    from .export import TEACHER_SCHEDULER, TRAIN_SCHEDULE
     out = Path(out)
     stage = Stage(name, out, hyper, seed)
     text = out / "clip" / "text_encoder"
@@ -273,7 +262,6 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
               f"{count(joint.text) / 1e6:.2f}M tuned", flush=True)
     done = stage.run(batches(data, start, hyper.steps, hyper.workers), step_fn, on_preview)
     if done and stage.main:
-        from .export import save_text_encoder
         trained = stage.accel.unwrap_model(model)
         trained.load_state_dict(ema.shadow)
         text_out = out / name / "text_encoder"

@@ -13,6 +13,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+from tokenizers import Tokenizer, pre_tokenizers, trainers
+from tokenizers.models import BPE
+
+from ..shapes.caption import caption
+from ..shapes.render import sample_scene
+from ..tokenizer import set_clip_processing
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77  # the CLIP context every SD pipeline pads to (the default; shapes-turbo uses Sizes.context)
 
@@ -32,21 +40,13 @@ def bytes_to_unicode() -> list[str]:
 
 def clip_tokenizer(vocab: dict | None = None, merges: list | None = None):
     """An empty (or given) BPE with CLIP's normalizer and pre-tokenizer, exactly as
-    `fewstep.tokenizer._from_vocab_merges` and transformers' CLIPTokenizer build theirs."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import BPE
-
-    from ..tokenizer import set_clip_processing
+    `fewstep.tokenizer` and transformers' CLIPTokenizer build theirs."""
     return set_clip_processing(Tokenizer(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                                              fuse_unk=False, unk_token=EOS)))
 
 
 def captions(seed: int, n: int, drop: float = 0.3) -> list[str]:
     """n training captions without drawing the images (the renderer's scene and caption samplers)."""
-    import numpy as np
-
-    from ..shapes.caption import caption
-    from ..shapes.render import sample_scene
     rng = np.random.default_rng(seed)
     return [caption(sample_scene(rng), rng, drop) for _ in range(n)]
 
@@ -54,7 +54,6 @@ def captions(seed: int, n: int, drop: float = 0.3) -> list[str]:
 def learn_merges(texts: list[str], vocab_size: int) -> list[tuple[str, str]]:
     """BPE merges, most frequent first, learned on `texts`; the trainer stops early once every word
     of the corpus is one symbol (the captions have ~40 distinct words)."""
-    from tokenizers import pre_tokenizers, trainers
     tok = clip_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>")

@@ -17,9 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..imaging import from_uint8, to_uint8
 from ..models.vae import AutoencoderKL
-from .common import (batches, count, generator, images_to_tensor, init_weights, seed_for, set_lr, tensor_to_images,
-                     warmup_lr)
+from ..shapes.data import batch
+from ..shapes.evaluate import accuracy
+from .common import batches, count, generator, init_weights, seed_for, set_lr, warmup_lr
+from .export import save_vae
 from .loop import Hyper, Stage
 from .sizes import Sizes
 
@@ -53,8 +56,6 @@ def crops(images: np.ndarray, side: int, rng: np.random.Generator) -> np.ndarray
 
 def train_vae(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) -> dict:
     """Train the autoencoder; writes OUT/vae/ (diffusers layout, fp32) with its scaling factor."""
-    from ..shapes.render import batch
-    from .export import save_vae
     out = Path(out)
     stage = Stage("vae", out, hyper, seed)
     torch.manual_seed(seed)
@@ -68,7 +69,7 @@ def train_vae(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) ->
     def make(step: int) -> dict:
         s = seed_for(seed, "vae", step, stage.rank)
         images, _, _ = batch(s, stage.per_process, size=sizes.image)
-        x = images_to_tensor(crops(images, crop, np.random.default_rng(s)))
+        x = from_uint8(crops(images, crop, np.random.default_rng(s)))
         lat = (crop // 8, crop // 8)
         return {"x": x, "noise": torch.randn(len(x), sizes.vae.latent_channels, *lat, generator=generator(s))}
 
@@ -98,22 +99,19 @@ def train_vae(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) ->
 @torch.no_grad()
 def latent_scale(vae: AutoencoderKL, sizes: Sizes, seed: int, n: int = 256) -> float:
     """1 / std of posterior samples of n full-size scenes (the raw latents: scaling factor 1)."""
-    from ..shapes.render import batch
     vae = vae.eval()
     vae.cfg = replace(vae.cfg, scaling_factor=1.0)
     images, _, _ = batch(seed_for(seed, "vae", 10**9), n, size=sizes.image)
-    z = vae.encode(images_to_tensor(images), generator(seed), sample=True)
+    z = vae.encode(from_uint8(images), generator(seed), sample=True)
     return float(1.0 / z.std())
 
 
 @torch.no_grad()
 def reconstruction_report(vae: AutoencoderKL, sizes: Sizes, n: int = 64) -> dict:
     """PSNR of full-size reconstructions and the shapes evaluator's accuracy on them (full captions)."""
-    from ..shapes.evaluate import accuracy
-    from ..shapes.render import batch
     images, captions, _ = batch(seed_for(777, "vae", 0), n, size=sizes.image, drop=0.0)
-    x = images_to_tensor(images)
+    x = from_uint8(images)
     rec = vae.decode(vae.encode(x)).clamp(-1, 1)
     mse = float(((rec - x) / 2).pow(2).mean())
-    acc = accuracy(captions, list(tensor_to_images(rec)))["all"] if sizes.image >= 64 else float("nan")
+    acc = accuracy(captions, list(to_uint8(rec)))["all"] if sizes.image >= 64 else float("nan")
     return {"psnr": 10 * np.log10(1 / max(mse, 1e-10)), "accuracy": acc}
