@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
 
 from .errors import FewstepError
 
@@ -54,7 +56,6 @@ def _max_length(folder: Path) -> int:
 def _from_tokenizer_json(path: Path):
     """A tokenizer.json written by transformers: its BPE, normalizer and added tokens as saved; the
     BOS/EOS/padding are applied by `CLIPTokenizer.__call__`, so its own post-processing is switched off."""
-    from tokenizers import Tokenizer
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a malformed file
@@ -67,7 +68,6 @@ def _from_tokenizer_json(path: Path):
 def set_clip_processing(tok):
     """CLIP's normalizer (NFC, whitespace runs to one space, lower case), pre-tokenizer (CLIP's regex,
     then byte-level) and decoder, as transformers' converter builds them; returns `tok`."""
-    from tokenizers import Regex, decoders, normalizers, pre_tokenizers
     tok.normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -79,8 +79,6 @@ def set_clip_processing(tok):
 
 def _from_vocab_merges(folder: Path, special: dict):
     """CLIP's BPE rebuilt from vocab.json + merges.txt, as transformers' converter builds it."""
-    from tokenizers import AddedToken, Tokenizer
-    from tokenizers.models import BPE
 
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     for f in (vocab, merges):

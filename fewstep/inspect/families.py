@@ -11,7 +11,7 @@ Conditions") is SD 1.5 with the deepest level and the mid block removed and one 
 `mid_block_type: null`, `layers_per_block: 1`, (320, 640, 1280) channels, 8 heads, CLIP-L context,
 and a TAESD-style tiny decoder. Its transformer blocks keep self-attention (`only_cross_attention`
 false): with attn1 attending to the text instead, the UNet would have 312,305,604 parameters,
-not the published 315,746,244 (checked in tests/test_inspect.py).
+not the published 315,746,244 (checked in the inspect tests).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ hooks on every module inside a block record input and output shapes, in executio
 counted analytically, multiply and add as 2, for the operations `torch.utils.flop_counter` counts
 (convolutions, matmuls, attention): conv 2 * N*Cout*Hout*Wout * Cin/groups * kh*kw, linear 2 * tokens *
 in * out, attention 2 * 2 * B*heads*Lq*Lk*d for QK^T and AV (causal masks are not discounted, as there).
-Norms, activations and resampling are not counted. tests/test_inspect.py checks the totals against
+Norms, activations and resampling are not counted. The inspect tests check the totals against
 FlopCounterMode. Layer names are the state-dict prefixes inside the component's diffusers folder.
 
 Text-to-image cost: the UNet runs once per denoising step, the text encoders and the decoder once per

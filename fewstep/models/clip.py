@@ -125,7 +125,7 @@ class CLIPTextModel(nn.Module):
                                 if cfg.projection_dim else None)
         self.register_load_state_dict_pre_hook(_fix_keys_hook)
 
-    fix_keys = staticmethod(fix_transformers_keys)  # used by fewstep.weights.build before its key check
+    fix_keys = staticmethod(fix_transformers_keys)  # used by fewstep.loading.weights.build before its key check
 
     def run_layers(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Hidden states [B, L, D] through encoder layers [start:stop] (a part of forward, for

@@ -128,7 +128,7 @@ def nearest_up_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int] | No
     2x faster on CPU at the VAE decoder's sizes); smaller inputs and odd sizes run as written."""
     h, w = x.shape[-2:]
     size = (2 * h, 2 * w) if size is None else tuple(size)
-    if not isinstance(conv, nn.Conv2d):  # an int8 conv (fewstep.int8): no float weight to fold; it
+    if not isinstance(conv, nn.Conv2d):  # an int8 conv (fewstep.speed.int8): no float weight to fold; it
         return conv(x, upsample=size)  # enlarges its quantized input
     if size == (2 * h, 2 * w) and h * w >= FOLD_MIN_PIXELS:
         return upsample_conv(x, folded_kernel(conv), conv.bias)

@@ -6,7 +6,7 @@ whole UNet, each repeated block (`module.compile()` on every UNet resnet and tra
 resnet and attention, TAESD block, CLIP encoder layer) is compiled. Identical blocks share one
 compiled graph (dynamo guards on shapes, not on module identity), so compile time is a handful of
 small graphs rather than one huge one (the recipe reports close to whole-model speed-ups). Regional compilation
-also keeps working under `fewstep.deepcache.DeepCache`, which calls the UNet's blocks directly;
+also keeps working under `fewstep.speed.deepcache.DeepCache`, which calls the UNet's blocks directly;
 `regional=False` compiles the whole UNet as one graph (the VAE and text encoders stay regional). The
 CUDA-graph modes ("reduce-overhead", "max-autotune") compile each module whole (`compile_graphed`).
 
@@ -174,14 +174,7 @@ def compile_pipeline(pipe, *, mode: str | None = None, regional: bool | None = N
                            "(blocks sharing one graph overwrite each other's outputs)")
     use_cache_dir(cache_dir)
     if mode in GRAPH_MODES:
-        kwargs = dict(mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
-        for module in (pipe.unet, *pipe.text_encoders):
-            compile_graphed(module, **kwargs)
-        for ae in (pipe.vae, pipe.decoder):
-            for part in (getattr(ae, "encoder", None), getattr(ae, "decoder", None)):
-                if part is not None:
-                    compile_graphed(part, **kwargs)
-        return pipe
+        return _compile_whole(pipe, mode=mode, fullgraph=fullgraph, dynamic=dynamic, backend=backend)
     if regional is None or regional:
         compile_regions(pipe.unet, mode, fullgraph, dynamic, backend)
     else:
@@ -189,6 +182,17 @@ def compile_pipeline(pipe, *, mode: str | None = None, regional: bool | None = N
     for module in (pipe.vae, pipe.decoder, *pipe.text_encoders):
         if module is not None:
             compile_regions(module, mode, fullgraph, dynamic, backend)
+    return pipe
+
+
+def _compile_whole(pipe, **compile_kwargs):
+    """The CUDA-graph modes: UNet, text encoders, each autoencoder's encoder and decoder, each compiled whole."""
+    for module in (pipe.unet, *pipe.text_encoders):
+        compile_graphed(module, **compile_kwargs)
+    for ae in (pipe.vae, pipe.decoder):
+        for part in (getattr(ae, "encoder", None), getattr(ae, "decoder", None)):
+            if part is not None:
+                compile_graphed(part, **compile_kwargs)
     return pipe
 
 

@@ -16,7 +16,7 @@ b..0 and conv_out; the cached feature is the input of the up unit that eats skip
 (the reference default) recomputes only conv_in, the top up block's last resnet (+ transformer)
 and conv_out; the deepest branch skips only the mid block. (The paper's first SD implementation,
 `DeepCache/sd/unet_2d_condition.py` with cache_layer_id=0, cache_block_id=0, is branch 1 here.)
-Cached calls walk the UNet's blocks directly: under `fewstep.compile` use regional compilation.
+Cached calls walk the UNet's blocks directly: under `fewstep.speed.compile` use regional compilation.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ torch.compile). Schemes:
   (`Float8DynamicActivationFloat8WeightConfig`); needs an NVIDIA GPU of compute capability >= 8.9
   (Ada, Hopper).
 - "int8-cpu": int8 weights and dynamic uint8 activations for the convolutions *and* Linears, run by
-  oneDNN's int8 kernels on x86 CPUs (`fewstep.int8`: not torchao, whose int8 configs take Linears
+  oneDNN's int8 kernels on x86 CPUs (`fewstep.speed.int8`: not torchao, whose int8 configs take Linears
   only); the one int8 scheme that is faster in eager mode on a CPU (VNNI: 3-5x per conv).
 
 `parts` picks what is quantized in a Pipeline: "unet" (the default, as diffusion-fast does), "text"
@@ -25,7 +25,7 @@ For the torchao schemes only `nn.Linear` layers are quantized: their int8 config
 convs of SD 1.x transformers and resnet shortcuts stay in float. Layers with 16 or fewer input or
 output features are left alone, as diffusion-fast's filter does (int8 kernels do not pay off there).
 Weights become torchao tensor subclasses in place; the model keeps its dtype and device. Best
-followed by `fewstep.compile.compile_pipeline`, which fuses the (de)quantization into the matmuls.
+followed by `fewstep.speed.compile.compile_pipeline`, which fuses the (de)quantization into the matmuls.
 """
 
 from __future__ import annotations

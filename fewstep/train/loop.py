@@ -77,7 +77,7 @@ class LossLog:
         try:  # lazy: matplotlib is optional (pip install 'fewstep[train]')
             import matplotlib
             matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # (after choosing the file backend)
         except ImportError:
             return None
         rows = self.rows()

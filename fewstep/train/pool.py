@@ -35,8 +35,8 @@ from .export import TEACHER_SCHEDULER
 from .runs import pool_path, teacher_folder
 
 POOL_SAMPLER, POOL_STEPS = "dpmpp_2m", 8  # deterministic: the target is a function of z; 8 steps keep as many
-# samples right as 15 (the student no worse: docs/SHAPES.md, eighteenth and twenty-fourth sessions) in 60% of the time
-POOL_GUIDANCE = 4.0  # the shipped student's pool (twelfth session); the teacher's own default moved to 5 after it
+# samples right as 15 (the student no worse: docs/log/) in 60% of the time
+POOL_GUIDANCE = 4.0  # the shipped student's pool; the teacher's own default moved to 5 after it was chosen
 # (recipe.TEACHER_DEFAULTS); a pool drawn at 5 kept as many (5,065 of 6,144 against 5,086) and was not distilled from
 POOL_ROWS = 8  # pool rows a student step (of its 32 batch rows), split over processes like the batch
 POOL_SIZE = {"full": 6144, "tiny": 8}  # teacher samples drawn (the pool keeps the right ones)

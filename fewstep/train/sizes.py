@@ -55,7 +55,7 @@ TINY = Sizes(
 )
 
 # Per-stage defaults. Steps are optimiser steps; batch is the global batch. The UNet stages run as 2 data-parallel
-# processes on the CPU (one on a GPU): the recipe in under 2 hours on a 2-core CPU (docs/SHAPES.md, 26th session).
+# processes on the CPU (one on a GPU): the recipe in under 2 hours on a 2-core CPU (docs/training.md).
 SETTINGS = {
     "full": {
         "clip": Hyper(steps=800, batch=128, lr=1e-3, warmup=100),

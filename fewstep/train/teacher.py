@@ -285,7 +285,7 @@ def pairs_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     captions leave out half as much (each optional part with probability 0.15, not 0.3), at a third of
     refine's learning rate, into OUT/pairs, which the swap stage fine-tunes on into the final teacher. Binding
     two objects' attributes is what the refined teacher still got wrong (its one-object prompts were
-    99% right), and such captions are where that is learned (docs/SHAPES.md, eleventh session)."""
+    99% right), and such captions are where that is learned (docs/log/)."""
     if hyper.init is None:
         hyper = replace(hyper, init=str(Path(out) / "refine"))
     return train_teacher(out, sizes, hyper, seed, resume, name="pairs")
@@ -296,7 +296,7 @@ def swap_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool)
     swap contrast on (Hyper.swap = 1, `denoising_loss`), into OUT/swap — the final teacher, which the
     student learns from and that ships. The pairs teacher's commonest two-object fault is drawing the two
     objects at each other's places; on two 500-prompt sets the contrast cut those 48 -> 33 against the
-    same 2,000 steps without it (docs/SHAPES.md, twelfth session)."""
+    same 2,000 steps without it (docs/log/)."""
     if hyper.init is None:
         hyper = replace(hyper, init=str(Path(out) / "pairs"))
     return train_teacher(out, sizes, hyper, seed, resume, name="swap")
