@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fewstep
-from conftest import requires_shared
 from fewstep.cli import main
 from fewstep.errors import FewstepError
+from helpers.env import requires_shared
 
 pytestmark = requires_shared
 
 
 @pytest.fixture(scope="module")
-def sd1(tmp_path_factory):
-    from tiny import make_pipeline
-    return make_pipeline("sd1", tmp_path_factory.mktemp("err"))[0]
+def sd1(tiny_folders):
+    """The shared tiny SD 1.x folder, read only: tests that break a folder get a `copy`."""
+    return tiny_folders["sd1"]
 
 
 @pytest.fixture

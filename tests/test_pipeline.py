@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fewstep
-from conftest import requires_shared
 from fewstep.errors import FewstepError
+from helpers.env import requires_shared
 
 pytestmark = requires_shared
 
@@ -20,7 +20,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
-    from tiny import make_pipeline
+    from helpers.tiny import make_pipeline
     root = tmp_path_factory.mktemp("pipes")
     return {f: make_pipeline(f, root) for f in ("sd1", "sd2-eps", "sd2-v", "sdxl")}
 
@@ -131,7 +131,7 @@ def test_callback_sees_every_step(pipelines):
 @pytest.mark.parametrize("family,layout", [("sd1", "sd1"), ("sdxl", "sdxl"), ("sd2-v", "sd2")])
 def test_single_file_gives_same_image(pipelines, family, layout, tmp_path):
     """An original-layout checkpoint made from the tiny folder loads and gives the folder's image."""
-    from ldm import save_original
+    from helpers.ldm import save_original
     folder, ref = pipelines[family]
     path = tmp_path / f"{family}.safetensors"
     save_original(folder, path, layout)

@@ -15,11 +15,11 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler)
 
-from conftest import CONFIGS, requires_shared
 from fewstep import samplers, schedules
 from fewstep.configs import SchedulerConfig
 from fewstep.denoiser import Denoiser
 from fewstep.errors import FewstepError
+from helpers.env import CONFIGS, requires_shared
 
 DIFFUSERS = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler,
              "heun": HeunDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler, "ddim": DDIMScheduler,

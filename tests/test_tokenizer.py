@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from conftest import CONFIGS, SHARED, requires_shared
 from fewstep.errors import FewstepError
 from fewstep.tokenizer import CLIPTokenizer
+from helpers.env import CONFIGS, SHARED, requires_shared
 
 # Prompts that exercise the odd corners: special tokens written out (upper case too), SDXL's "!" pad
 # token inside words, whitespace runs, non-ASCII and emoji, contractions, the empty prompt.

@@ -6,7 +6,7 @@ tokenizers): every weight file is filled with seeded random values (N(0, 0.02); 
 bias 0, as a fresh model would). Both fewstep and diffusers then load the very same files, so a speed
 comparison measures the code and not the checkpoint. The key layout comes from fewstep's own modules,
 built on the meta device; their names are the diffusers / transformers state-dict names, so diffusers
-is not needed to write the folder (tests/test_bench.py checks that diffusers loads it with no missing key).
+is not needed to write the folder (tests/bench/test_bench.py checks that diffusers loads it with no missing key).
 """
 
 from __future__ import annotations

@@ -12,13 +12,11 @@ import json
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import CONFIGS, SHARED, requires_shared
 from fewstep.inspect.families import BUILTINS, SDXS_UNET, family
 from fewstep.cli import main
 from fewstep.configs import CLIPTextConfig, UNetConfig, VAEConfig, read_json
@@ -27,8 +25,9 @@ from fewstep.inspect.measure import inspect_model
 from fewstep.inspect.compare import compare, render_compare
 from fewstep.inspect.report import render, rows
 from fewstep.inspect.svg import unet_html, unet_svg
+from helpers.env import CONFIGS, ROOT, SHARED, requires_shared
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = ROOT / "docs"
 _cache = {}
 
 
@@ -350,7 +349,7 @@ def test_taesd_files_are_counted_from_their_headers():
 def test_single_file_checkpoint_route(tmp_path):
     """A small SD 1.x-layout original single file (random weights, 32 norm groups as every real SD
     model): the inspected parameter counts equal the tensors in the file (read from its header)."""
-    from ldm import original_state_dict
+    from helpers.ldm import original_state_dict
     from safetensors import safe_open
     from safetensors.torch import save_file
 

@@ -6,44 +6,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import randomize_norms
-from fewstep.configs import UNetConfig
 from fewstep.speed.deepcache import DeepCache, forward, num_branches
 from fewstep.errors import FewstepError
-from fewstep.models.unet import UNet
+from helpers.tiny import UNETS, make_unet, unet_inputs
 
-CONFIGS = {
-    # SD-style: 3 levels, 2 resnets per level, attention below the top, a mid block -> 9 skip branches
-    "sd": dict(block_out_channels=(32, 64, 64), down_attention=(False, True, True), up_attention=(True, True, False),
-               layers_per_block=(2, 2, 2), transformer_depth=(1, 1, 1), num_heads=(2, 4, 4),
-               only_cross_attention=(False,) * 3),
-    # SDXS-style: 1 resnet per level, no mid block, SDXL add-embeddings -> 4 skip branches
-    "sdxs-xl": dict(block_out_channels=(32, 64), down_attention=(True, True), up_attention=(True, True),
-                    layers_per_block=(1, 1), transformer_depth=(1, 2), num_heads=(2, 4),
-                    only_cross_attention=(True, True), mid_block=False,
-                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
-}
 BRANCHES = {"sd": 9, "sdxs-xl": 4}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make(name: str):
-    torch.manual_seed(0)
-    cfg = UNetConfig(**CONFIGS[name], cross_attention_dim=32, norm_num_groups=8, sample_size=8)
-    return randomize_norms(UNet(cfg), seed=3)
-
-
-def inputs(unet, scale: float = 1.0, seed: int = 0) -> tuple:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 4, 8, 8, generator=g) * scale
-    t = torch.tensor([999.0, 500.0]) * scale
-    cond = {"context": torch.randn(2, 7, 32, generator=g)}
-    if unet.cfg.addition_time_embed_dim is not None:
-        cond["text_embeds"] = torch.randn(2, 32, generator=g)
-        cond["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
-    return x, t, cond
 
 
 def some_branches(unet) -> list[int]:
@@ -58,33 +28,33 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(UNETS))
 def test_branch_count(name):
-    assert num_branches(make(name)) == BRANCHES[name]
+    assert num_branches(make_unet(name)) == BRANCHES[name]
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(UNETS))
 def test_full_calls_are_the_plain_unet(name):
-    unet = make(name)
-    x, t, cond = inputs(unet)
+    unet = make_unet(name)
+    x, t, cond = unet_inputs(unet)
     want = unet(x, t, **cond)
     for branch in some_branches(unet):  # the walk DeepCache uses for its full calls
         got, _ = forward(unet, x, t, cond["context"], cond.get("text_embeds"), cond.get("time_ids"), None, branch, None)
         assert torch.equal(got, want), branch
     f = DeepCache(interval=1, branch=0).wrap(unet)
     for scale in (1.0, 0.5, 0.25):
-        x, t, cond = inputs(unet, scale)
+        x, t, cond = unet_inputs(unet, scale)
         assert (f(x, t, **cond) - unet(x, t, **cond)).abs().max().item() <= 1e-6
     assert f.full_calls == 3
 
 
 @torch.no_grad()
 def test_schedule_every_interval_th_call_is_full():
-    unet = make("sd")
+    unet = make_unet("sd")
     f = DeepCache(interval=3, branch=1).wrap(unet)
     for k in range(7):
-        x, t, cond = inputs(unet, 1.0 - 0.1 * k)
+        x, t, cond = unet_inputs(unet, 1.0 - 0.1 * k)
         diff = (f(x, t, **cond) - unet(x, t, **cond)).abs().max().item()
         if k % 3 == 0:
             assert diff == 0.0, k  # calls 0, 3, 6 run in full
@@ -94,12 +64,12 @@ def test_schedule_every_interval_th_call_is_full():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(UNETS))
 def test_cached_call_on_the_caching_input_is_exact(name):
     """True for every branch: the shallow path recomputes from the same input, the deep part is the
     very tensor the full call computed."""
-    unet = make(name)
-    x, t, cond = inputs(unet)
+    unet = make_unet(name)
+    x, t, cond = unet_inputs(unet)
     for branch in some_branches(unet):
         f = DeepCache(interval=2, branch=branch).wrap(unet)
         full = f(x, t, **cond)
@@ -109,9 +79,9 @@ def test_cached_call_on_the_caching_input_is_exact(name):
 
 @torch.no_grad()
 def test_batch_change_forces_a_full_call():
-    unet = make("sd")
+    unet = make_unet("sd")
     f = DeepCache(interval=4).wrap(unet)
-    x, t, cond = inputs(unet)
+    x, t, cond = unet_inputs(unet)
     f(x, t, **cond)
     out = f(x[:1], t[:1], context=cond["context"][:1])
     assert torch.equal(out, unet(x[:1], t[:1], context=cond["context"][:1]))
@@ -122,8 +92,8 @@ def test_batch_change_forces_a_full_call():
 def test_cached_calls_cost_fewer_flops():
     """On this tiny UNet a branch-0 cached call costs 6.7% of a full call, branch 1 16.6%, the
     deepest branch (only the mid block skipped) 97%; cost grows with the branch."""
-    unet = make("sd")
-    x, t, cond = inputs(unet)
+    unet = make_unet("sd")
+    x, t, cond = unet_inputs(unet)
     full = flops(lambda: unet(x, t, **cond))
     costs = []
     for branch in range(num_branches(unet)):
@@ -135,7 +105,7 @@ def test_cached_calls_cost_fewer_flops():
 
 
 def test_bad_arguments():
-    unet = make("sd")
+    unet = make_unet("sd")
     for kwargs in (dict(interval=0), dict(interval=2.5), dict(branch=-1)):
         with pytest.raises(FewstepError, match="DeepCache"):
             DeepCache(**kwargs)

@@ -11,7 +11,7 @@ import torch
 
 from fewstep.errors import FewstepError
 from fewstep.speed.quantize import is_quantized, quantize
-from test_deepcache import inputs, make
+from helpers.tiny import make_unet, unet_inputs
 
 TOLERANCE = {"int8-weight": 0.01, "int8-dynamic": 0.02}
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def unet():
-    return make("sd")
+    return make_unet("sd")
 
 
 def linears(module) -> dict:
@@ -32,7 +32,7 @@ def linears(module) -> dict:
 @pytest.mark.parametrize("scheme", ["int8-weight", "int8-dynamic"])
 def test_int8_close_to_fp32(unet, scheme):
     pytest.importorskip("torchao")
-    x, t, cond = inputs(unet)
+    x, t, cond = unet_inputs(unet)
     want = unet(x, t, **cond)
     q = copy.deepcopy(unet)
     assert quantize(SimpleNamespace(unet=q), scheme).unet is q  # a Pipeline: its UNet, in place

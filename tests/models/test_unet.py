@@ -10,10 +10,11 @@ import time
 import pytest
 import torch
 
-from conftest import CONFIGS, randomize_norms, requires_shared
 from fewstep.configs import UNetConfig, read_json
 from fewstep.errors import FewstepError
 from fewstep.models.unet import UNet
+from helpers.env import CONFIGS, requires_shared
+from helpers.tiny import randomize_norms
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = requires_shared

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from fewstep.errors import FewstepError
-from conftest import SHARED, requires_shared
 from fewstep.speed.int8 import Int8Conv2d, Int8Linear, convert, quantize_activation, quantize_weight, to_uint8
 from fewstep.models.layers import Upsample2D
 from fewstep.speed.quantize import quantize
-from test_deepcache import inputs, make
+from helpers.env import SHARED, requires_shared
+from helpers.tiny import make_unet, unet_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 INT8 = (Int8Conv2d, Int8Linear)
@@ -141,8 +141,8 @@ def test_taesd_decoder_in_int8():
 
 @torch.no_grad()
 def test_unet_layers_and_output():
-    unet = make("sd")
-    x, t, cond = inputs(unet)
+    unet = make_unet("sd")
+    x, t, cond = unet_inputs(unet)
     want = unet(x, t, **cond)
     q = copy.deepcopy(unet)
     layers = {n: m for n, m in unet.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}

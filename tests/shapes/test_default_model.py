@@ -19,9 +19,9 @@ STUDENT, TEACHER = ASSETS / "shapes-turbo", ASSETS / "shapes-teacher"
 PROMPTS = ["a large red circle on the left and a small blue square at the top right",
            "a small yellow triangle at the bottom on a purple background"]
 # Accuracy on sample_prompts(0, 50) (25 one-object, 25 two-object prompts) measured when the model was
-# shipped (the twenty-sixth session's: the two-process recipe run from scratch, `runs/full26`, 2026-12-05), with its
+# shipped (2026-12-05: the two-process recipe run from scratch, `runs/full26`), with its
 # default sampler (lcm): one-object 23/25 and two-object 18/25 at 1 step, 24/25 and 19/25 at its default 4 steps (on
-# the 500 eval prompts of seed 0 90.8% / 75.2% and 96.8% / 85.6%, see docs/SHAPES.md). Each floor sits two prompts
+# the 500 eval prompts of seed 0 90.8% / 75.2% and 96.8% / 85.6%, see docs/shapes.md). Each floor sits two prompts
 # under, so the test fails if loading or sampling regresses.
 STUDENT_FLOOR = {1: 21 / 25, 4: 22 / 25}
 STUDENT_FLOOR_TWO = {1: 16 / 25, 4: 17 / 25}

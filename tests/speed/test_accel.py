@@ -16,15 +16,15 @@ import torch
 import fewstep
 import fewstep.imaging
 import fewstep.loading.dtypes
-from conftest import SHARED, requires_shared
 from fewstep.speed.accel import fuse_attention, optimize, preview_callback
 from fewstep.errors import FewstepError
 from fewstep.models.layers import Attention
 from fewstep.loading.folders import load_taesd
+from helpers.env import requires_shared
+from helpers.taesd import TAESD, diffusers_with_original_weights
 
 pytestmark = requires_shared
 
-TAESD = SHARED / "taesd"
 PROMPT = "a red circle on the left"
 GEN = dict(steps=2, guidance=5.0, width=64, height=64, seed=3, progress=False, output_type="pt")
 
@@ -33,7 +33,6 @@ GEN = dict(steps=2, guidance=5.0, width=64, height=64, seed=3, progress=False, o
 @pytest.fixture(scope="module")
 def taesd_dirs(tmp_path_factory):
     """Each TAESD in its own folder: original files, and the diffusers AutoencoderTiny layout."""
-    from test_tae import diffusers_with_original_weights
     root = tmp_path_factory.mktemp("taesd")
     dirs = {}
     for prefix in ("taesd", "taesdxl"):
@@ -236,7 +235,7 @@ def test_fp16_keeps_upcast_vae_in_fp32_once(tiny_folders, monkeypatch, tmp_path)
 
 
 def test_fp16_single_file_keeps_vae_in_fp32(tiny_folders, tmp_path):
-    from ldm import save_original
+    from helpers.ldm import save_original
     path = tmp_path / "sd1.safetensors"
     save_original(tiny_folders["sd1"], path, "sd1")
     pipe = fewstep.load(path, config=tiny_folders["sd1"], dtype=torch.float16)

@@ -1,4 +1,5 @@
-"""Tiny random diffusers pipelines of each family, written with `save_pretrained` (test oracle only).
+"""Tiny random models: diffusers pipelines of each family, written with `save_pretrained` (test
+oracle only), and fewstep UNets of two layouts with their inputs.
 
 The shapes follow the diffusers test suite (`block_out_channels=(32, 64)`), with the real
 block layout of each family and the real CLIP vocabulary from ../shared/data, so a pipeline
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from conftest import CONFIGS, SHARED, randomize_norms
+from fewstep.configs import UNetConfig
+from fewstep.models.unet import UNet
+from helpers.env import CONFIGS, SHARED
 
 TEXT = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37,
             layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408,
@@ -22,6 +25,47 @@ UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_c
             norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
 FAMILIES = ("sd1", "sd2-eps", "sd2-v", "sdxl", "sd1-inpaint")
+UNETS = {
+    # SD-style: 3 levels, 2 resnets per level, attention below the top, a mid block -> 9 skip branches
+    "sd": dict(block_out_channels=(32, 64, 64), down_attention=(False, True, True), up_attention=(True, True, False),
+               layers_per_block=(2, 2, 2), transformer_depth=(1, 1, 1), num_heads=(2, 4, 4),
+               only_cross_attention=(False,) * 3),
+    # SDXS-style: 1 resnet per level, no mid block, SDXL add-embeddings -> 4 skip branches
+    "sdxs-xl": dict(block_out_channels=(32, 64), down_attention=(True, True), up_attention=(True, True),
+                    layers_per_block=(1, 1), transformer_depth=(1, 2), num_heads=(2, 4),
+                    only_cross_attention=(True, True), mid_block=False,
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+}
+
+
+def randomize_norms(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Random affine params on every norm, so a skipped or misnamed norm changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return module.eval()
+
+
+def make_unet(name: str) -> UNet:
+    """A seeded fewstep UNet of layout `name` (a key of UNETS), norms randomized."""
+    torch.manual_seed(0)
+    cfg = UNetConfig(**UNETS[name], cross_attention_dim=32, norm_num_groups=8, sample_size=8)
+    return randomize_norms(UNet(cfg), seed=3)
+
+
+def unet_inputs(unet, scale: float = 1.0, seed: int = 0) -> tuple:
+    """(x, t, cond) for a batch of 2 at 8x8 latents, with SDXL's extra conditioning where the UNet takes it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g) * scale
+    t = torch.tensor([999.0, 500.0]) * scale
+    cond = {"context": torch.randn(2, 7, 32, generator=g)}
+    if unet.cfg.addition_time_embed_dim is not None:
+        cond["text_embeds"] = torch.randn(2, 32, generator=g)
+        cond["time_ids"] = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    return x, t, cond
 
 
 def _tokenizer(pad: str):

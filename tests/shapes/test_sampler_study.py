@@ -3,7 +3,6 @@ evaluations a step but none after the last, guidance's two halves in one call), 
 `fewstep eval` for the same sampler, the plot, and one-line errors for a bad --runs."""
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +11,8 @@ import torch
 import fewstep
 from fewstep.shapes.metrics import generate
 from fewstep.loading.hub import ASSETS
+from helpers.env import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sampler_study", ROOT / "scripts" / "measure" / "sampler_study.py")
 sampler_study = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sampler_study)

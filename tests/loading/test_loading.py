@@ -8,14 +8,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fewstep
-from conftest import requires_shared
+from helpers.env import requires_shared
 
 pytestmark = requires_shared
 
 
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
-    from tiny import make_pipeline
+    from helpers.tiny import make_pipeline
     root = tmp_path_factory.mktemp("load")
     folder, pipe = make_pipeline("sd1", root)
     pipe.save_pretrained(folder, variant="fp16", safe_serialization=True)  # adds *.fp16.safetensors beside

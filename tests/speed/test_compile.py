@@ -9,20 +9,19 @@ import pytest
 import torch
 
 import fewstep
-from conftest import SHARED, requires_shared, slow
 from fewstep.speed.compile import RECOMPILE_LIMIT, compile_pipeline, compile_timings, graphed, regions
 from fewstep.speed.deepcache import DeepCache
 from fewstep.errors import FewstepError
+from helpers.env import SHARED, requires_shared, slow
 
 pytestmark = requires_shared
 PROMPT = "a red circle"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    pytest.importorskip("diffusers")
-    from tiny import make_pipeline
-    return make_pipeline("sd1", tmp_path_factory.mktemp("pipes"))[0]
+def folder(tiny_folders):
+    """The shared tiny SD 1.x folder (compiling reads it, and writes only under tmp_path)."""
+    return tiny_folders["sd1"]
 
 
 @pytest.fixture(autouse=True)

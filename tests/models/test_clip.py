@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from conftest import CONFIGS, requires_shared, slow
 from fewstep.configs import CLIPTextConfig
 from fewstep.models.clip import CLIPTextModel
 from fewstep.tokenizer import CLIPTokenizer
+from helpers.env import CONFIGS, requires_shared, slow
 
 PROMPTS = ["a photo of a cat", "An oil painting of a fox! in the snow, highly detailed, 4k",
            "cat " * 75]  # the last one is exactly 77 ids: BOS, 75 tokens, EOS, no padding

@@ -14,7 +14,7 @@ from fewstep.errors import FewstepError
 from fewstep.speed.accel import checked_factor, fuse_attention
 from fewstep.models.layers import downsample_tokens
 from fewstep.models.unet import BasicTransformerBlock, Transformer2DModel
-from test_deepcache import inputs, make
+from helpers.tiny import make_unet, unet_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -48,8 +48,8 @@ def test_repeated_patches_give_full_attention_exactly():
 
 @torch.no_grad()
 def test_unet_levels_fusing_and_errors():
-    unet = make("sd")  # attention at levels 1 and 2 (and the mid block): ToDo goes to level 1 only
-    x, t, cond = inputs(unet)
+    unet = make_unet("sd")  # attention at levels 1 and 2 (and the mid block): ToDo goes to level 1 only
+    x, t, cond = unet_inputs(unet)
     want = unet(x, t, **cond)
     pooling = {m.level: m.pools_tokens for m in unet.modules() if isinstance(m, Transformer2DModel)}
     assert pooling == {1: True, 2: False}

@@ -9,9 +9,10 @@ Tolerance everywhere: max |ours - diffusers| <= 1e-4 * max(1, max |diffusers|).
 import pytest
 import torch
 
-from conftest import CONFIGS, randomize_norms, requires_shared
 from fewstep.configs import VAEConfig, read_json
 from fewstep.models.vae import AutoencoderKL
+from helpers.env import CONFIGS, requires_shared
+from helpers.tiny import randomize_norms
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = requires_shared

@@ -15,11 +15,11 @@ from dataclasses import fields
 import pytest
 import torch
 
-from conftest import CONFIGS, requires_shared
 from fewstep.configs import CLIPTextConfig, SchedulerConfig, UNetConfig, VAEConfig, read_json
 from fewstep.loading.detect import convert_state_dict, read_checkpoint
 from fewstep.errors import FewstepError
-from ldm import load_folder, original_state_dict, save_original, text_model_layout
+from helpers.env import CONFIGS, requires_shared
+from helpers.ldm import load_folder, original_state_dict, save_original, text_model_layout
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -41,7 +41,7 @@ class _Callback:  # stands in for the Lightning objects some .ckpt files pickle
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """case -> (diffusers folder, original-layout .safetensors), built once per module."""
-    from tiny import make_pipeline
+    from helpers.tiny import make_pipeline
     root = tmp_path_factory.mktemp("single_file")
     folders = {}
 

@@ -3,15 +3,13 @@ on a photo-like image, exact parameter counts, and one-line errors for bad files
 
 import pytest
 import torch
-from torch import nn
 
 from fewstep.configs import TAEConfig
 from fewstep.errors import FewstepError
 from fewstep.loading.folders import load_taesd
 from fewstep.models.tae import TinyAutoencoder, taesd_to_diffusers
-from conftest import SHARED, requires_shared
-
-TAESD = SHARED / "taesd"
+from helpers.env import requires_shared
+from helpers.taesd import TAESD, diffusers_with_original_weights
 
 
 def photo_like(size: int = 256) -> torch.Tensor:
@@ -55,19 +53,6 @@ def test_parameter_counts():
         m = TinyAutoencoder(TAEConfig())
     assert sum(p.numel() for p in m.encoder.parameters()) == 1_222_532
     assert sum(p.numel() for p in m.decoder.parameters()) == 1_222_531
-
-
-def diffusers_with_original_weights(prefix: str):
-    """The oracle: diffusers AutoencoderTiny filled from the original files by Sequential index.
-    diffusers keeps taesd.py's Clamp (original index 0) outside `decoder.layers`, so a placeholder
-    module stands in for it here; everything else is loaded into diffusers' own modules unchanged."""
-    from diffusers import AutoencoderTiny
-    from safetensors.torch import load_file
-    ref = AutoencoderTiny().eval()
-    ref.encoder.layers.load_state_dict(load_file(TAESD / f"{prefix}_encoder.safetensors"), strict=True)
-    nn.Sequential(nn.Identity(), *ref.decoder.layers).load_state_dict(
-        load_file(TAESD / f"{prefix}_decoder.safetensors"), strict=True)
-    return ref
 
 
 # Round-trip PSNR measured on photo_like(256): taesd 30.7 dB, taesdxl 36.0 dB; the bars sit just under.

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import fewstep
-from conftest import CONFIGS, SHARED, requires_shared
 from fewstep.bench.harness import Job, Options, Settings, brief, notes, parse_cache, psnr, ratios, run_bench, summarize
 from fewstep.bench.random_weights import random_folder
 from fewstep.cli import main
 from fewstep.errors import FewstepError
+from helpers.env import CONFIGS, SHARED, requires_shared
 
 pytestmark = requires_shared
 SIZE = 64
