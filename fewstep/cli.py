@@ -1,22 +1,18 @@
 """The `fewstep` command line: `fewstep generate "prompt" [--model PATH] ...`.
 
 User mistakes (`FewstepError`) print one line and exit with status 2; warnings print one line each.
-Images are written atomically (a temporary file renamed into place), so an interrupted run never
-leaves a partial PNG, and carry A1111-style "parameters" text so other tools can read the settings.
+Where images go is checked before any work; they are written atomically (`fewstep.outputs`), so an
+interrupted run never leaves a partial file, and carry A1111's "parameters" text.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from PIL.PngImagePlugin import PngInfo
 
 from .api import load
 from .bench.harness import SCHEMES, Options, Settings, parse_cache, run_bench
@@ -26,6 +22,9 @@ from .inspect.compare import compare, render_compare
 from .inspect.measure import inspect_model
 from .inspect.report import render
 from .inspect.svg import write_diagram
+from .outputs import plan, save_image
+from .request import resolve, seeds_for
+from .shapes.caption import parse_prompt
 from .shapes.evaluate import failures
 from .shapes.metrics import eval_set, evaluate, markdown, sample_grid
 from .speed.quantize import quantize
@@ -41,14 +40,16 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--sampler", default=None, help="euler, euler_a, heun, dpmpp_2m, ddim, ddpm, lcm")
     p.add_argument("--karras", action="store_true", default=None, help="Karras sigma spacing")
-    p.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i")
+    p.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i; -1: a random seed "
+                   "(written into each image's parameters)")
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=None, help="throughput mode: make --num-images this many "
                    "at a time (default: all at once)")
-    p.add_argument("--output", default="outputs", help="a .png path, or a folder (default: outputs/)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", default="outputs", help="an image path (.png, .jpg or .webp: the settings go in "
+                   "its PNG text or EXIF, as A1111 writes them), or a folder (default: outputs/)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--config", default=None, help="for single-file checkpoints: a diffusers folder with "
                    "the tokenizers and configs to use")
@@ -72,52 +73,32 @@ def _parts(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(","))
 
 
-def _output_paths(output: str, n: int, seed: int) -> list[Path]:
-    out = Path(output)
-    if out.suffix.lower() == ".png":
-        return [out] if n == 1 else [out.with_name(f"{out.stem}-{i}.png") for i in range(n)]
-    out.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for f in out.iterdir() if (m := re.match(r"(\d{5})-", f.name))]
-    start = max(taken, default=-1) + 1
-    return [out / f"{start + i:05d}-{seed + i}.png" for i in range(n)]
-
-
-def save_png(image, path: Path, parameters: str) -> None:
-    """Write a PNG atomically, with the generation settings in its "parameters" text chunk."""
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private (0600); a saved image is not
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def cmd_generate(a: argparse.Namespace) -> None:
+    seeds = seeds_for(a.seed, a.num_images)
+    paths = plan(a.output, list(seeds))  # before any work: where the images go, and that they can go there
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     pipe = load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
-                        decoder=a.decoder, token_downsample=a.token_downsample)
+                decoder=a.decoder, token_downsample=a.token_downsample)
     if a.quantize:
         quantize(pipe, a.quantize, _parts(a.quantize_parts))
-    paths = _output_paths(a.output, a.num_images, a.seed)
-    images = pipe(a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance, sampler=a.sampler,
-                  karras=a.karras, seed=a.seed, width=a.width, height=a.height, num_images=a.num_images,
-                  progress=not a.quiet, batch_size=a.batch_size)
-    d = pipe.defaults
-    for i, (image, path) in enumerate(zip(images, paths)):
-        params = (f"{a.prompt}\nNegative prompt: {a.negative_prompt or ''}\n"
-                  f"Steps: {a.steps or d.steps}, Sampler: {a.sampler or d.sampler}, "
-                  f"CFG scale: {d.guidance if a.guidance is None else a.guidance}, Seed: {a.seed + i}, "
-                  f"Size: {image.width}x{image.height}, Model: {pipe.name}")
-        save_png(image, path, params)
-        print(path)
+    request = resolve(pipe.defaults, a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance,
+                      sampler=a.sampler, karras=a.karras, seed=seeds[0], width=a.width, height=a.height,
+                      num_images=a.num_images, batch_size=a.batch_size)
+    if pipe.defaults.prompt_grammar == "shapes":
+        warn_outside_grammar(a.prompt)
+    images = pipe.generate(request, progress=not a.quiet)
+    for image, path in zip(images, paths):
+        save_image(image, path)
+        say(str(path))
+
+
+def warn_outside_grammar(prompt: str) -> None:
+    """The built-in model's prompts follow a small grammar (docs/shapes.md); it draws something for any
+    prompt, but say so when a prompt is outside it."""
+    try:
+        parse_prompt(prompt)
+    except FewstepError as e:
+        warnings.warn(f"{e} (the built-in model draws something anyway)", stacklevel=2)
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
@@ -242,27 +223,41 @@ def cmd_bench(a: argparse.Namespace) -> None:
         Path(a.json).write_text(report.to_json(), encoding="utf-8")
 
 
+def say(text: str, stream=None) -> None:
+    """One line to stdout (or `stream`), with any character the terminal cannot take escaped, not raised."""
+    stream = stream or sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding), file=stream, flush=True)
+
+
 def _one_line_warnings() -> None:
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=sys.stderr)
+        say(f"warning: {message}", sys.stderr)
     warnings.showwarning = show
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its mistakes as one-line FewstepErrors (its own way prints the usage block and exits)."""
+
+    def error(self, message: str):
+        raise FewstepError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fewstep", description="fast few-step text-to-image diffusion")
+    parser = Parser(prog="fewstep", description="fast few-step text-to-image diffusion")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
     _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
     _eval_args(sub.add_parser("eval", help="accuracy, tiny-CLIP score, Fréchet distance and speed of a shapes model"))
     _bench_args(sub.add_parser("bench", help="load, encode, step, decode and end-to-end time, memory; vs diffusers"))
     add_train_parser(sub)
-    a = parser.parse_args(argv)
     _one_line_warnings()
     try:
+        a = parser.parse_args(argv)
         {"generate": cmd_generate, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval,
          "bench": cmd_bench}[a.command](a)
     except FewstepError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

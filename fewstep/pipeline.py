@@ -20,7 +20,8 @@ from .configs import SchedulerConfig, TextConditioning
 from .denoiser import Denoiser
 from .errors import FewstepError
 from .imaging import memory_format, safe_decode, to_pil
-from .request import Defaults, Request, resolve
+from .memory import Work, check
+from .request import Defaults, Request, infotext, resolve
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -132,13 +133,11 @@ class Pipeline:
         ae = self.vae if self.decoder is None else self.decoder
         return safe_decode(ae, z).contiguous()
 
-    def _initial_latents(self, request: Request, part: slice) -> torch.Tensor:
-        """Unit noise for the batch: one generator per image (seed + i), so any image of a batch can be
-        made again alone; or the request's own latents."""
+    def _initial_latents(self, request: Request, part: slice, generators: list) -> torch.Tensor:
+        """Unit noise for the batch, row i from image i's generator; or the request's own latents."""
         shape = (self.unet.cfg.out_channels, request.height // self.vae_scale, request.width // self.vae_scale)
         if request.latents is None:
-            return torch.cat([torch.randn((1, *shape), generator=torch.Generator().manual_seed(s))
-                              for s in request.seeds[part]]).to(self.device)
+            return samplers.randn((len(generators), *shape), generators, device=self.device)
         want = (len(request.prompts), *shape)
         if tuple(request.latents.shape) != want:
             raise FewstepError(f"latents have shape {tuple(request.latents.shape)}, expected {want} for "
@@ -150,14 +149,32 @@ class Pipeline:
         cfg = request.guidance > 1.0 and self.unet.cfg.time_cond_proj_dim is None
         cond = self._conditioning(request, part, cfg)
         denoise = Denoiser(self._model_fn(cond, request.guidance, cfg, cache), self.scheduler)
-        noise = self._initial_latents(request, part)
-        generator = torch.Generator().manual_seed(request.seeds[part][0])
+        # One generator per image (seed + i), first for its initial noise, then for each step's fresh noise,
+        # as diffusers draws from a list of generators: any image of a batch is the image made alone.
+        generators = [torch.Generator().manual_seed(s) for s in request.seeds[part]]
+        noise = self._initial_latents(request, part, generators)
         z = samplers.run(request.sampler, denoise, noise, self.scheduler, request.steps, karras=request.karras,
-                         eta=request.eta, generator=generator, callback=callback, progress=progress)
+                         eta=request.eta, generator=generators, callback=callback, progress=progress)
         if request.output_type == "latent":
             return z
         images = self.decode(z)
-        return images if request.output_type == "pt" else to_pil(images)
+        if request.output_type == "pt":
+            return images
+        name = samplers.spec(request.sampler).a1111 or request.sampler
+        out = to_pil(images)
+        for i, image in zip(range(part.start, part.stop), out):
+            image.info["parameters"] = infotext(request, i, self.name, name)  # A1111's text, for saving
+        return out
+
+    def work(self, request: Request) -> Work:
+        """What `memory.check` needs to know of this request on this model."""
+        ae = self.vae if self.decoder is None else self.decoder
+        widths = getattr(ae.cfg, "block_out_channels", None)
+        return Work(request.width, request.height, len(request.prompts), request.batch_size,
+                    request.guidance > 1.0 and self.unet.cfg.time_cond_proj_dim is None,
+                    self.unet.cfg.block_out_channels[0], widths[0] if widths else ae.cfg.channels,
+                    self.unet.cfg.out_channels, self.vae_scale, self.dtype.itemsize,
+                    3 if request.output_type == "pil" else 12)
 
     @torch.no_grad()
     def generate(self, request: Request, *, callback: Callable | None = None, progress: bool = True, cache=None):
@@ -166,13 +183,14 @@ class Pipeline:
         if self.unet.cfg.in_channels != self.unet.cfg.out_channels:
             raise FewstepError(f"this UNet takes {self.unet.cfg.in_channels} input channels (an inpainting model): "
                                "text-to-image needs a 4-channel UNet")
+        check(self.work(request), self.device)
         outs = [self._batch(request, part, callback, progress, cache) for part in request.batches()]
         return [im for out in outs for im in out] if request.output_type == "pil" else torch.cat(outs)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
                  steps: int | None = None, guidance: float | None = None, sampler: str | None = None,
-                 seed: int = 0, width: int | None = None, height: int | None = None, num_images: int = 1,
+                 seed: int | None = 0, width: int | None = None, height: int | None = None, num_images: int = 1,
                  batch_size: int | None = None, latents: torch.Tensor | None = None, karras: bool | None = None,
                  eta: float = 0.0, original_size: tuple[int, int] | None = None,
                  crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
@@ -180,7 +198,8 @@ class Pipeline:
         """Generate `num_images` images per prompt; returns PIL images (or a [N,3,H,W] tensor in [-1, 1]
         with output_type="pt", or latents with output_type="latent"). None means the model's default.
 
-        Image i uses seed + i. `batch_size` (throughput mode) runs the images that many at a time:
+        Image i uses seed + i (-1 or None: a random seed); PIL images carry A1111's `parameters` text in
+        `image.info` (`fewstep.outputs.save_image` writes it). `batch_size` (throughput mode) runs the images that many at a time:
         each model call then works on a batch (faster per image, on CPU as on GPU) while memory stays
         that of one batch. `latents` replaces the seeds' initial noise. SDXL micro-conditioning:
         `original_size`, `crop_top_left`, `target_size` as (height, width). `callback(i, x, denoised,

@@ -9,6 +9,7 @@ Image-conditioned work, LoRA scales and control images become further fields her
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ class Defaults:
     guidance: float = 7.5
     sampler: str | None = None
     size: int | None = None
+    prompt_grammar: str | None = None  # "shapes": the built-in model's caption grammar (fewstep generate warns outside it)
 
 
 @dataclass(frozen=True)
@@ -57,22 +59,42 @@ class Request:
         return [slice(start, min(start + self.batch_size, n)) for start in range(0, n, self.batch_size)]
 
 
-def check_size(width, height) -> None:
+MAX_SEED = 2**64 - 1  # torch generators take 64-bit seeds
+MAX_IMAGES = 100_000  # per call: the images are kept until it returns (batch runs over files go further)
+
+
+def check_size(width, height, suggest: int = 512) -> None:
     for name, v in (("width", width), ("height", height)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 8 or v % 8:
-            raise FewstepError(f"{name}={v!r} must be a positive multiple of 8 (e.g. 512)")
+            raise FewstepError(f"{name}={v!r} must be a positive multiple of 8 (e.g. {suggest}, this model's size)")
+
+
+def _whole(value, name: str, low: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise FewstepError(f"{name}={value!r} must be a whole number >= {low}")
+    return value
 
 
 def _texts(value, what: str) -> list[str]:
-    items = [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
     if not items or not all(isinstance(p, str) for p in items):
-        raise FewstepError(f"{what} must be a string or a list of strings")
+        raise FewstepError(f"{what} must be a string or a non-empty list of strings, not {type(value).__name__}")
+    for p in items:
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise FewstepError(f"{what} holds a character that is not text at position {e.start} (a lone surrogate, "
+                               "e.g. from bytes that are not UTF-8): write it as UTF-8 text") from None
     return items
 
 
 def _per_image(prompt, negative_prompt, num_images: int) -> tuple[tuple[str, ...], tuple[str, ...] | None]:
     """Each prompt (and its negative) repeated num_images times, in order."""
-    prompts = [p for p in _texts(prompt, "prompt") for _ in range(num_images)]
+    texts = _texts(prompt, "prompt")
+    if len(texts) * num_images > MAX_IMAGES:
+        raise FewstepError(f"{len(texts)} prompt(s) x num_images={num_images} is more than {MAX_IMAGES} images in one "
+                           "call: make them in several calls")
+    prompts = [p for p in texts for _ in range(num_images)]
     if negative_prompt is None:
         return tuple(prompts), None
     negative = _texts(negative_prompt, "negative_prompt")
@@ -82,28 +104,67 @@ def _per_image(prompt, negative_prompt, num_images: int) -> tuple[tuple[str, ...
     return tuple(prompts), tuple(negative)
 
 
+def seeds_for(seed, n: int) -> tuple[int, ...]:
+    """Image i's seed: seed + i; seed None or -1 draws one at random (A1111's convention), from [0, 2**32)."""
+    if _whole(n, "num_images") > MAX_IMAGES:
+        raise FewstepError(f"num_images={n} is more than {MAX_IMAGES} images in one call: make them in several calls")
+    if seed is None or seed == -1:
+        seed = random.randrange(2**32)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED - (n - 1):
+        raise FewstepError(f"seed={seed!r} must be a whole number from 0 to 2**64 - {n} (image i uses seed + i), "
+                           "or -1 for a random one")
+    return tuple(seed + i for i in range(n))
+
+
+def _pair(value, name: str, default: tuple[int, int]) -> tuple[int, int]:
+    value = default if value is None else tuple(value)
+    if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise FewstepError(f"{name}={value!r} must be two whole numbers >= 0, (height, width)")
+    return value
+
+
+def _number(value, name: str, low: float = -math.inf, note: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        bound = f" >= {low:g}" if low > -math.inf else ""
+        raise FewstepError(f"{name}={value!r} must be a finite number{bound}{note}")
+    return float(value)
+
+
 def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | None = None,
-            guidance: float | None = None, sampler: str | None = None, seed: int = 0, width: int | None = None,
-            height: int | None = None, num_images: int = 1, batch_size: int | None = None,
+            guidance: float | None = None, sampler: str | None = None, seed: int | None = 0,
+            width: int | None = None, height: int | None = None, num_images: int = 1, batch_size: int | None = None,
             latents: torch.Tensor | None = None, karras: bool | None = None, eta: float = 0.0,
             original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
             target_size: tuple[int, int] | None = None, output_type: str = "pil") -> Request:
     """The Request for these arguments of `Pipeline.__call__` (see there), with `defaults` for what is None."""
     width, height = (defaults.size if width is None else width), (defaults.size if height is None else height)
-    check_size(width, height)
-    if not isinstance(num_images, int) or num_images < 1:
-        raise FewstepError(f"num_images={num_images!r} must be at least 1")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise FewstepError(f"batch_size={batch_size!r} must be at least 1")
+    check_size(width, height, defaults.size)
+    _whole(num_images, "num_images")
+    if batch_size is not None:
+        _whole(batch_size, "batch_size")
     if output_type not in OUTPUT_TYPES:
         raise FewstepError(f"output_type={output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
-    guidance = defaults.guidance if guidance is None else guidance
-    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise FewstepError(f"guidance={guidance!r} must be a finite number (<= 1 turns guidance off)")
+    if karras not in (None, True, False) or latents is not None and not isinstance(latents, torch.Tensor):
+        raise FewstepError("karras must be True, False or None, and latents a tensor or None")
+    guidance = _number(defaults.guidance if guidance is None else guidance, "guidance", note=" (<= 1: no guidance)")
     sampler = sampler or defaults.sampler
     spec(sampler)
     prompts, negative = _per_image(prompt, negative_prompt, num_images)
-    return Request(prompts, negative, tuple(seed + i for i in range(len(prompts))),
-                   defaults.steps if steps is None else steps, float(guidance), sampler, karras, eta, width, height,
-                   batch_size or len(prompts), tuple(original_size or (height, width)), tuple(crop_top_left),
-                   tuple(target_size or (height, width)), output_type, latents)
+    return Request(prompts, negative, seeds_for(seed, len(prompts)),
+                   _whole(defaults.steps if steps is None else steps, "steps"), guidance, sampler, karras,
+                   _number(eta, "eta", 0.0), width, height, batch_size or len(prompts),
+                   _pair(original_size, "original_size", (height, width)), _pair(crop_top_left, "crop_top_left", (0, 0)),
+                   _pair(target_size, "target_size", (height, width)), output_type, latents)
+
+
+def infotext(request: Request, i: int, model: str, sampler_name: str) -> str:
+    """A1111's "parameters" text of image i: the prompt, the negative prompt when there is one, then the
+    settings (`Steps: 4, Sampler: LCM, CFG scale: 0, Seed: 7, Size: 128x128, Model: shapes-turbo`)."""
+    lines = [request.prompts[i]]
+    if request.negative is not None and request.negative[i]:
+        lines.append(f"Negative prompt: {request.negative[i]}")
+    settings = [f"Steps: {request.steps}", f"Sampler: {sampler_name}"]
+    settings += ["Schedule type: Karras"] if request.karras else []
+    settings += [f"CFG scale: {request.guidance:g}", f"Seed: {request.seeds[i]}",
+                 f"Size: {request.width}x{request.height}", f"Model: {model}"]
+    return "\n".join(lines + [", ".join(settings)])

@@ -15,6 +15,7 @@ diffusers agree to float rounding.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,12 +27,19 @@ from .errors import FewstepError
 from .schedules import schedule
 
 
-def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None) -> Callable:
-    """Fresh N(0, I) like x for each step. Drawn on the generator's device and then moved, as
-    diffusers' randn_tensor does, so one CPU seed gives the same image on any device."""
-    device = generator.device if generator is not None else x.device
-    return lambda sigma, sigma_next: torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                                 device=device).to(x.device)
+def randn(shape: tuple[int, ...], generator, dtype: torch.dtype = torch.float32,
+          device: torch.device | str = "cpu") -> torch.Tensor:
+    """N(0, I) of `shape` as diffusers' randn_tensor draws it: on the generator's device, then moved (one
+    CPU seed gives the same image on any device); with a list of generators, row i from generator i."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])
+    on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, dtype=dtype, device=on).to(device)
+
+
+def default_noise_sampler(x: torch.Tensor, generator=None) -> Callable:
+    """Fresh N(0, I) like x for each step, from `generator` (one, or one per image: see `randn`)."""
+    return lambda sigma, sigma_next: randn(tuple(x.shape), generator, x.dtype, x.device)
 
 
 def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0):
@@ -190,20 +198,34 @@ def spec(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
+# diffusers schedulers fewstep has no sampler for, and the nearest one it has (same schedule family and order).
+NEAREST = {"PNDMScheduler": "euler", "LMSDiscreteScheduler": "euler", "EDMEulerScheduler": "euler",
+           "KDPM2DiscreteScheduler": "heun", "KDPM2AncestralDiscreteScheduler": "euler_a",
+           "DPMSolverSinglestepScheduler": "dpmpp_2m", "DPMSolverSDEScheduler": "dpmpp_2m",
+           "UniPCMultistepScheduler": "dpmpp_2m", "DEISMultistepScheduler": "dpmpp_2m", "TCDScheduler": "lcm"}
+
+
 def for_scheduler(class_name: str) -> str:
-    """The sampler that gives the numbers of the diffusers scheduler `class_name`; Euler for one fewstep
-    does not have."""
-    return next((name for name, s in SAMPLERS.items() if s.diffusers == class_name), "euler")
+    """The sampler that gives the numbers of the diffusers scheduler `class_name`; for one fewstep does not
+    have, the nearest it has (`NEAREST`, else Euler), with a one-line notice naming it."""
+    exact = next((name for name, s in SAMPLERS.items() if s.diffusers == class_name), None)
+    if exact is not None:
+        return exact
+    nearest = NEAREST.get(class_name, "euler")
+    warnings.warn(f"the model's scheduler {class_name} is not one of fewstep's samplers: sampling with {nearest}, "
+                  f"the nearest (choose another with sampler=... / --sampler)", stacklevel=2)
+    return nearest
 
 
 def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: int, *, karras: bool | None = None,
-        eta: float = 0.0, generator: torch.Generator | None = None, callback: Callable | None = None,
-        progress: bool = False) -> torch.Tensor:
+        eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
+        callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
     """Sample with `name` from unit-variance `noise`; returns latents as diffusers hands them to the VAE.
 
     `denoise(x, sigma, t=None)` is a `Denoiser`. `karras=None` follows the config's use_karras_sigmas
     (for the samplers that have Karras sigmas). `eta` is DDIM's; `generator` draws the fresh noise of
-    stochastic samplers."""
+    stochastic samplers: one for the whole batch, or one per image (image i's noise from generator i,
+    so an image of a batch is the image made alone, as diffusers does with a list of generators)."""
     s = spec(name)
     if karras is None:
         karras = sched.use_karras_sigmas and s.karras

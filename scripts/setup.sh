@@ -4,13 +4,18 @@
 # machine; set TORCH_SPEC to choose another build (e.g. TORCH_SPEC="torch==2.11.0" on a GPU box).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$SECONDS
+step() { echo "[$1/3] $2 ($((SECONDS - start)) s)"; }
+extras=""; [ "${1:-}" = "--test" ] && extras="[test]"
+step 1 "virtual environment in .venv"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-quiet() { "$@" 2>&1 | grep -v -E "is ignored: it is neither|^\s*$|!!|wheel_obj|\*\*\*|#+$|Please |easily used|See http|this is not|to be available|setuptools|deprecat|^\s+\S+$" || true; }
+export PYTHONWARNINGS=ignore PIP_DISABLE_PIP_VERSION_CHECK=1  # pip and the build backend: errors only
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-quiet python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-extras=""; [ "${1:-}" = "--test" ] && extras="[test]"
-quiet python -m pip install -q -e ".${extras}"
+step 2 "PyTorch ${TORCH_SPEC:-torch==2.13.0} (a minute on a fresh machine)"
+python -m pip install -qq "${TORCH_SPEC:-torch==2.13.0}"
+step 3 "fewstep${extras} and its dependencies"
+python -m pip install -qq -e ".${extras}"
 python - <<'PY'
 import torch, fewstep
 print(f"fewstep {fewstep.__version__} ready (torch {torch.__version__})")

@@ -116,7 +116,7 @@ def test_batch_size_throughput_mode(pipelines):
     assert (parts - whole).abs().max() <= 1e-4
     pil = pipe(prompts[:3], steps=1, guidance=0.0, width=SIZE, height=SIZE, progress=False, batch_size=2)
     assert len(pil) == 3 and pil[2].size == (SIZE, SIZE)
-    with pytest.raises(FewstepError, match="batch_size=0 must be at least 1"):
+    with pytest.raises(FewstepError, match="batch_size=0 must be a whole number >= 1"):
         pipe(PROMPT, batch_size=0, progress=False)
 
 

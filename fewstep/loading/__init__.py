@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..pipeline import Pipeline
+from .dtypes import check_device
 from .folders import load_autoencoder, load_folder
 from .hub import resolve
 from .single_file import load_single_file
@@ -24,6 +25,7 @@ def load_pipeline(path: str | Path | None = None, *, device: str | torch.device 
                   dtype: torch.dtype = torch.float32, variant: str | None = None, allow_pickle: bool = False,
                   config: str | Path | None = None, prediction_type: str | None = None) -> Pipeline:
     """A Pipeline as the checkpoint describes it, with no speed options (see `fewstep.load`)."""
+    check_device(device, dtype)
     root = resolve(path, variant)
     if root.is_file():
         return load_single_file(root, device=device, dtype=dtype, allow_pickle=allow_pickle, config=config,

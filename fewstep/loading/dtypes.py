@@ -1,12 +1,36 @@
-"""The dtype rules of loading: which precision each part of a pipeline is kept in on which device.
+"""The device and dtype rules of loading: which devices and dtypes a pipeline can be asked for, and
+which precision each part is kept in on which device.
 
-The rules are diffusers' (fp16 VAEs that overflow are upcast in SDXL pipelines) plus two of a CPU's:
-no fast fp16 convolutions, and bf16 that is only fast with bf16 hardware (measured in docs/BENCHMARKS.md).
+The precision rules are diffusers' (fp16 VAEs that overflow are upcast in SDXL pipelines) plus two of a
+CPU's: no fast fp16 convolutions, and bf16 that is only fast with bf16 hardware (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..errors import FewstepError
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_device(device, dtype: torch.dtype = torch.float32) -> torch.device:
+    """`device` as a torch.device that exists on this machine, or a one-line error; likewise the dtype."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise FewstepError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FewstepError(f"device {device!r}: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise FewstepError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise FewstepError(f"device {device!r}: torch sees no Apple GPU here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise FewstepError(f"device {device!r}: fewstep runs on cpu, cuda or mps")
+    if dtype not in DTYPES:
+        raise FewstepError(f"dtype {dtype!r}: use torch.float32, torch.float16 or torch.bfloat16")
+    return dev
 
 
 def native_bf16(device) -> bool:

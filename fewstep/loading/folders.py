@@ -7,6 +7,7 @@ A folder is read as diffusers writes it (model_index.json, one folder per compon
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from ..models.vae import AutoencoderKL
 from ..pipeline import Pipeline
 from ..request import Defaults
 from ..tokenizer import CLIPTokenizer
-from .dtypes import vae_dtype
+from .dtypes import check_device, vae_dtype
 from .hub import resolve
 from .weights import build, find_weights, read_state_dict
 
@@ -43,10 +44,13 @@ def load_text_encoder(folder: Path, device="cpu", dtype=torch.float32, variant=N
                       lambda: CLIPTextModel(cfg), f"text encoder in {folder}", device, dtype)
 
 
-def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32, variant=None, allow_pickle=False):
+def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32, variant=None, allow_pickle=False,
+                     sdxl: bool | None = None):
     """A diffusers AutoencoderKL / AutoencoderTiny folder, a pipeline folder (its vae/), or a folder of
-    original TAESD files (*_encoder / *_decoder .safetensors or .pth). Returns a module with
-    `encode(x) -> latents` and `decode(z) -> x`, x in [-1, 1], latents in the diffusion model's space."""
+    original TAESD files (*_encoder / *_decoder .safetensors or .pth; `sdxl` says which latent space to
+    take where it holds several). Returns a module with `encode(x) -> latents` and `decode(z) -> x`, x in
+    [-1, 1], latents in the diffusion model's space."""
+    check_device(device, dtype)
     folder = resolve(path, variant)
     if (folder / "vae" / "config.json").is_file():
         folder = folder / "vae"
@@ -59,21 +63,34 @@ def load_autoencoder(path: str | Path, device="cpu", dtype=torch.float32, varian
         cfg = VAEConfig.from_diffusers(d)
         return _component(folder, "diffusion_pytorch_model", variant, allow_pickle,
                           lambda: AutoencoderKL(cfg), f"AutoencoderKL in {folder}", device, dtype)
-    return _load_taesd_folder(folder, device, dtype, allow_pickle)
+    return _load_taesd_folder(folder, device, dtype, allow_pickle, sdxl)
 
 
-def _load_taesd_folder(folder: Path, device, dtype, allow_pickle):
+def _load_taesd_folder(folder: Path, device, dtype, allow_pickle, sdxl: bool | None):
     if not folder.is_dir():
         raise FewstepError(f"not an autoencoder folder: {folder}")
     suffixes = (".safetensors",) + ((".pth", ".pt") if allow_pickle else ())
+    files = [p for p in folder.iterdir() if p.suffix in suffixes and p.stem.endswith(("_encoder", "_decoder"))]
+    if not files:
+        raise FewstepError(f"{folder} has no config.json and no TAESD *_encoder/*_decoder weight files")
+    stem = _taesd_stem(folder, sorted({p.stem.rsplit("_", 1)[0] for p in files}), sdxl)
 
     def pick(part: str):
-        found = sorted(p for p in folder.iterdir() if p.stem.endswith(part) and p.suffix in suffixes)
-        return found[0] if found else None
-    enc, dec = pick("_encoder"), pick("_decoder")
-    if enc is None and dec is None:
-        raise FewstepError(f"{folder} has no config.json and no TAESD *_encoder/*_decoder weight files")
-    return load_taesd(enc, dec, device=device, dtype=dtype)
+        return next((p for p in sorted(files) if p.stem == f"{stem}_{part}"), None)
+    return load_taesd(pick("encoder"), pick("decoder"), device=device, dtype=dtype)
+
+
+def _taesd_stem(folder: Path, stems: list[str], sdxl: bool | None) -> str:
+    """Which of a folder's TAESD models to load: the only one, or the one of the pipeline's latent space by
+    the file names' convention (taesdxl_* for SDXL, taesd_* for SD 1.x / 2.x), said in a notice."""
+    if len(stems) == 1:
+        return stems[0]
+    wanted = [s for s in stems if sdxl is not None and s.endswith("xl") == sdxl]
+    if len(wanted) != 1:
+        raise FewstepError(f"{folder} holds several tiny autoencoders ({', '.join(stems)}): pass a folder with one")
+    warnings.warn(f"{folder} holds several tiny autoencoders ({', '.join(stems)}): using {wanted[0]}, the "
+                  f"{'SDXL' if sdxl else 'SD 1.x / 2.x'} one", stacklevel=3)
+    return wanted[0]
 
 
 def defaults_for(folder: Path, sched: SchedulerConfig) -> Defaults:

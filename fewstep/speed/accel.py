@@ -129,7 +129,7 @@ def load_decoder(pipe: Pipeline, decoder: str | Path) -> nn.Module | None:
         except FewstepError:
             raise FewstepError(f"decoder={str(decoder)!r} needs {source}, which is not in the Hugging Face cache and "
                                "could not be downloaded (offline?): pass decoder=<path to a TAESD folder>") from None
-    ae = load_autoencoder(path, device=pipe.device)  # fp32 first: the dtype rule reads its config
+    ae = load_autoencoder(path, device=pipe.device, sdxl=sdxl)  # fp32 first: the dtype rule reads its config
     return ae.to(vae_dtype(ae.cfg, pipe.dtype, pipe.device, sdxl))
 
 

@@ -49,13 +49,13 @@ from .tokenizer import train_tokenizer
 from .vae import train_vae
 
 # Sampling defaults written to each exported folder's fewstep.json, chosen by scripts/measure/sampler_study.py
-# and `fewstep eval` (docs/SHAPES.md, "Sampling defaults"). The teacher: Euler ancestral, whose fresh noise
+# and `fewstep eval` (docs/shapes.md, "Sampling defaults"). The teacher: Euler ancestral, whose fresh noise
 # each step corrects what the deterministic samplers keep, at guidance 5 (the distillation target's scale,
 # teacher.GUIDANCE), which tied or beat 4 and 6 on the final teacher.
-TEACHER_DEFAULTS = {"steps": 25, "guidance": 5.0, "sampler": "euler_a"}  # 5.0: teacher.GUIDANCE
+TEACHER_DEFAULTS = {"steps": 25, "guidance": 5.0, "sampler": "euler_a", "prompt_grammar": "shapes"}  # teacher.GUIDANCE
 # The student: 4 steps of LCM's sampler (jump to x0, re-noise with fresh noise), the very move ADD trains
 # it on; 4 steps beat Euler at 4 steps, and 2 and 1 steps.
-STUDENT_DEFAULTS = {"steps": 4, "guidance": 0.0, "sampler": "lcm"}
+STUDENT_DEFAULTS = {"steps": 4, "guidance": 0.0, "sampler": "lcm", "prompt_grammar": "shapes"}
 
 
 def hyper(stage: str, tiny: bool, scale: float = 1.0, **overrides) -> Hyper:

@@ -250,7 +250,7 @@ def test_diffusers_tiny_autoencoder_matches_fewstep_taesd():
     """The diffusers side's AutoencoderTiny, built from the original TAESD files, decodes as fewstep's TAESD."""
     from fewstep.bench.reference import tiny_autoencoder
     theirs = tiny_autoencoder(str(SHARED / "taesd"), sdxl=False)
-    ours = fewstep.load_autoencoder(SHARED / "taesd")
+    ours = fewstep.load_autoencoder(SHARED / "taesd", sdxl=False)  # the folder holds taesd and taesdxl
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = ours.decode(z), theirs.decode(z).sample

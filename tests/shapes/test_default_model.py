@@ -61,7 +61,8 @@ def test_shipped_size_and_layout():
 ])
 def test_diffusers_loads_the_shipped_folders_to_the_same_images(folder, steps, guidance, sampler):
     """The folders' scheduler is diffusers' Euler; fewstep.json's samplers are diffusers' LCMScheduler and
-    EulerAncestralDiscreteScheduler on the same config, drawing their fresh noise from the same seed."""
+    EulerAncestralDiscreteScheduler on the same config, drawing image i's fresh noise from its own seed 5 + i
+    (diffusers' list of generators)."""
     import diffusers
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
@@ -70,7 +71,7 @@ def test_diffusers_loads_the_shipped_folders_to_the_same_images(folder, steps, g
         ref.scheduler = cls.from_config(ref.scheduler.config)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     theirs = ref(PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=latents.clone(),
-                 height=128, width=128, output_type="np", generator=torch.Generator().manual_seed(5)).images
+                 height=128, width=128, output_type="np", generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
     ours = fewstep.load(folder)(PROMPTS, steps=steps, guidance=guidance, latents=latents, sampler=sampler, seed=5,
                                 progress=False)
     a, b = np.stack([np.asarray(im, np.int16) for im in ours]), np.round(theirs * 255).astype(np.int16)

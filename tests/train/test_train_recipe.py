@@ -40,7 +40,8 @@ def test_every_stage_writes_its_outputs(run):
         assert (out / "logs" / f"{stage}.png").stat().st_size > 1000, stage
         assert (out / "checkpoints" / stage / "model.safetensors").is_file(), stage
     assert json.loads((out / "shapes-turbo" / "fewstep.json").read_text()) == {"steps": 4, "guidance": 0.0,
-                                                                              "sampler": "lcm"}
+                                                                              "sampler": "lcm",
+                                                                              "prompt_grammar": "shapes"}
     assert json.loads((out / "shapes-teacher" / "fewstep.json").read_text())["sampler"] == "euler_a"
     for name, spacing, prediction in (("shapes-turbo", "trailing", "v_prediction"),
                                       ("shapes-teacher", "linspace", "epsilon")):
