@@ -1,4 +1,4 @@
-"""The caption grammar of the synthetic scenes (public interface, documented in docs/SHAPES.md):
+"""The caption grammar of the synthetic scenes (public interface, documented in docs/shapes.md):
 
     one object:   a [SIZE] COLOUR SHAPE [POSITION] [on a COLOUR background]
     two objects:  OBJECT and OBJECT [on a COLOUR background]
@@ -78,7 +78,7 @@ def parse_prompt(text: str) -> Prompt:
     unknown = [w for w in clean.split() if w not in _WORDS]
     if unknown:
         raise FewstepError(f"prompt {text!r}: unknown word {unknown[0]!r}; colours are {', '.join(COLORS)}, "
-                           f"shapes {', '.join(SHAPES)}, sizes {', '.join(SIZES)} (see docs/SHAPES.md)")
+                           f"shapes {', '.join(SHAPES)}, sizes {', '.join(SIZES)} (see docs/shapes.md)")
     match = _BACKGROUND.fullmatch(clean)
     body, background = (match.group(1), match.group(2)) if match else (clean, None)
     pieces = body.split(" and ")

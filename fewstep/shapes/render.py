@@ -2,7 +2,7 @@
 a flat background, sampled from a seed and drawn on the fly (no files, no dataset to download).
 
 The vocabulary here (colours, shapes, sizes, positions) is the vocabulary of the public caption
-grammar (caption.py, docs/SHAPES.md); evaluate.py parses images back into the same terms.
+grammar (caption.py, docs/shapes.md); evaluate.py parses images back into the same terms.
 Anti-aliasing is 4x supersampling then a box filter, so every object interior and the background
 keep their exact palette RGB and only the edge pixels blend.
 """

@@ -42,7 +42,8 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint (all: skip finished stages)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even where there is a GPU (default: "
                    "the GPU when there is one, one per process under accelerate launch)")
-    p.add_argument("--tiny", action="store_true", help="tiny models and a few steps: a smoke test in seconds")
+    p.add_argument("--tiny", action="store_true", help="tiny models and a few steps: a smoke test of "
+                   "every stage (about 3 minutes for all on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-layers", type=int, default=None,
                    help="teacher: train the text encoder's last N layers with the UNet (default 0: frozen CLIP)")

@@ -63,7 +63,7 @@ from .teacher import GUIDANCE, LatentData, diffuse
 
 STUDENT_TIMESTEPS = (999, 749, 499, 249)  # trailing spacing of 4 steps: what the exported scheduler uses
 STUDENT_WEIGHTS = (0.7, 0.1, 0.1, 0.1)  # t = 999 (one step) drawn most; on the two-process recipe's teacher 0.7
-# beat the one-process recipe's 0.85 at 4 steps and kept the one-step target (docs/log/)
+# beat the one-process recipe's 0.85 at 4 steps and kept the one-step target (docs/log/2026-12-05-students-on-two-process-teacher.md)
 DISTILL_WEIGHT = 2.5  # lambda of ADD
 DISC_MAX_T = 700  # the discriminator sees latents re-noised to t ~ U[0, 700)
 ADV_BALANCE = 1.0  # adversarial gradient norm / distillation gradient norm at x0_hat
@@ -96,7 +96,7 @@ class Head(nn.Module):
 class WholeHead(nn.Module):
     """One logit from the whole smallest feature map at once (1x1 conv to 32 channels, flattened, an MLP),
     plus the same text projection. The per-position heads judge each place alone, so none of them can
-    count objects, and the one-step student's commonest fault is an object drawn twice (docs/log/)."""
+    count objects, and the one-step student's commonest fault is an object drawn twice (docs/log/2026-12-03-pairs-stage.md)."""
 
     def __init__(self, channels: int, side: int, text_dim: int, width: int = 256):
         super().__init__()

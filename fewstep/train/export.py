@@ -22,7 +22,7 @@ from .runs import text_encoder_folder
 
 DIFFUSERS_VERSION = "0.42.1"
 TRAIN_SCHEDULE = SchedulerConfig(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                 prediction_type="epsilon")  # Stable Diffusion's, as the brief of issue 4 asks
+                                 prediction_type="epsilon")  # Stable Diffusion's training schedule
 # The student predicts v (train/distill.py: from epsilon, a one-step x0 at t = 999 multiplies the UNet's error by 15)
 STUDENT_PREDICTION = "v_prediction"
 

@@ -5,7 +5,7 @@ DMD (Yin et al. 2024, "One-step Diffusion with Distribution Matching Distillatio
 its one-step generator's loss a regression onto pairs (noise z, the teacher's deterministic ODE sample
 from z), so that the generator keeps the teacher's large-scale structure per noise instead of
 collapsing onto a few modes. The shapes student's commonest one-step faults are large-scale ones (an
-object drawn twice, two objects at each other's places; docs/SHAPES.md) that its per-step losses
+object drawn twice, two objects at each other's places; docs/log/2026-12-03-pairs-stage.md) that its per-step losses
 judge poorly (the ADD discriminator sits at chance). Here the pairs are also filtered: a teacher
 sample enters the pool only when the evaluator scores it right for its caption, so the student
 regresses onto the teacher's correct layouts only.
@@ -35,7 +35,7 @@ from .export import TEACHER_SCHEDULER
 from .runs import pool_path, teacher_folder
 
 POOL_SAMPLER, POOL_STEPS = "dpmpp_2m", 8  # deterministic: the target is a function of z; 8 steps keep as many
-# samples right as 15 (the student no worse: docs/log/) in 60% of the time
+# samples right as 15 (the student no worse: docs/log/2026-12-05-two-process-recipe.md) in 55% of the time
 POOL_GUIDANCE = 4.0  # the shipped student's pool; the teacher's own default moved to 5 after it was chosen
 # (recipe.TEACHER_DEFAULTS); a pool drawn at 5 kept as many (5,065 of 6,144 against 5,086) and was not distilled from
 POOL_ROWS = 8  # pool rows a student step (of its 32 batch rows), split over processes like the batch

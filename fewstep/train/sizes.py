@@ -1,5 +1,5 @@
 """The sizes of shapes-turbo's models and the default settings of each training stage, for the
-shipped model ("full") and for the seconds-long smoke runs of the tests ("tiny").
+shipped model ("full") and for the smoke runs of the tests ("tiny": minutes for the whole recipe).
 
 Sizes are chosen for a 2-core CPU: a 1-step 128x128 image (text encoder + one UNet evaluation
 at 16x16 + VAE decode) must take under 0.1 s, and the whole recipe under 2 hours. The costly
@@ -20,7 +20,7 @@ class Sizes:
     image: int  # training image side (the renderer's `size`)
     context: int  # text tokens (BOS + caption + EOS + padding): the tokenizer's model_max_length and
     # the text encoder's positions. The longest caption of the grammar is 23 tokens; with SD's 77 the
-    # tuned text layers and every cross-attention ran over 54 positions of padding (docs/SHAPES.md).
+    # tuned text layers and every cross-attention ran over 54 positions of padding (docs/log/2026-11-23-32-text-tokens.md).
     text: dict  # CLIPTextConfig fields; vocab size and token ids come from the trained tokenizer
     tower: tuple[int, ...]  # channels of the CLIP image tower's stride-2 convs
     embed: int  # CLIP joint embedding width

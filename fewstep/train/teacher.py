@@ -10,8 +10,8 @@ times faster than the plain epsilon loss: the budget here is an hour of CPU.
 
 Stage 5, refine, is this same training continued from the teacher (`init`) for 5,000 steps at
 6e-4 (the teacher's peak is 5e-4) with the two options below on, all four text layers tuned
-(docs/SHAPES.md compares 2 and 4 layers, 3e-4 and 6e-4, 1,000 to 5,000 steps): trained from the start with
-them, the teacher lost its positions (docs/SHAPES.md); after it has learned places, they keep
+(docs/log/2026-11-22-teacher-options.md compares 2 and 4 layers, 3e-4 and 6e-4, 1,000 to 5,000 steps): trained from the start with
+them, the teacher lost its positions (docs/log/2026-11-22-refine-stage.md); after it has learned places, they keep
 them and lift colour binding. Stage 6, pairs, continues once more (from OUT/refine, 2,000 steps at
 2e-4, same options) on a mix of 80% two-object scenes with fuller captions (Hyper.two_objects,
 Hyper.caption_drop): what the refined teacher still got wrong was two-object prompts. Stage 7, swap,
@@ -107,7 +107,7 @@ class LatentData:
         ids = self.tokenizer(captions)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):  # the encoder's convolutions in bf16
             # where the CPU has it: a third of the batch's time off (16 scenes: 45 against 68 ms on one thread),
-            # latents 0.5% of their std off (docs/log/2026-12-03-two-process-recipe.md); fp32 out, same noise
+            # latents 0.5% of their std off (docs/log/2026-12-05-bf16-encoder-and-chain-regression.md); fp32 out, same noise
             latents = self.vae.encode(from_uint8(images), g, sample=True)
         b = {"latents": latents, "seed": s, "captions": captions}
         if self.prefix is not None:
@@ -191,7 +191,7 @@ def denoising_loss(model, b: dict, ac: torch.Tensor, offset: float = 0.0,
     size) asks the twin's error to exceed the true caption's by the margin. A swapped twin is itself a
     true caption of other images, so the only way to meet it is to tie each object to its own position —
     the shipped teacher's commonest two-object fault is drawing the two objects at each other's places
-    (docs/SHAPES.md). A ranking loss on the denoising error under matched and mismatched conditions, as in
+    (docs/log/2026-12-03-swap-contrast-and-pool.md). A ranking loss on the denoising error under matched and mismatched conditions, as in
     contrastive guidance of diffusion models (e.g. Diffusion-DPO, Wallace et al. 2023, ranks two images
     under one caption; here one image under two captions)."""
     g = generator(b["seed"] + 1)
@@ -273,7 +273,7 @@ def train_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
 def refine_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool) -> dict:
     """Stage 5, refine: fine-tune the teacher (OUT/teacher) with the text encoder's last layers and
     offset noise (recipe settings), into OUT/refine, which the pairs stage fine-tunes on into the
-    final teacher. See docs/SHAPES.md: tuning these from the start cost the teacher its positions; tuning
+    final teacher. See docs/log/2026-11-22-refine-stage.md: tuning these from the start cost the teacher its positions; tuning
     them after it has learned places keeps them (36/36 in the position test) and lifts colour binding."""
     if hyper.init is None:
         hyper = replace(hyper, init=str(Path(out) / "teacher"))
@@ -285,7 +285,7 @@ def pairs_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool
     captions leave out half as much (each optional part with probability 0.15, not 0.3), at a third of
     refine's learning rate, into OUT/pairs, which the swap stage fine-tunes on into the final teacher. Binding
     two objects' attributes is what the refined teacher still got wrong (its one-object prompts were
-    99% right), and such captions are where that is learned (docs/log/)."""
+    99% right), and such captions are where that is learned (docs/log/2026-12-03-pairs-stage.md)."""
     if hyper.init is None:
         hyper = replace(hyper, init=str(Path(out) / "refine"))
     return train_teacher(out, sizes, hyper, seed, resume, name="pairs")
@@ -296,7 +296,7 @@ def swap_teacher(out: Path, sizes: Sizes, hyper: Hyper, seed: int, resume: bool)
     swap contrast on (Hyper.swap = 1, `denoising_loss`), into OUT/swap — the final teacher, which the
     student learns from and that ships. The pairs teacher's commonest two-object fault is drawing the two
     objects at each other's places; on two 500-prompt sets the contrast cut those 48 -> 33 against the
-    same 2,000 steps without it (docs/log/)."""
+    same 2,000 steps without it (docs/log/2026-12-03-swap-contrast-and-pool.md)."""
     if hyper.init is None:
         hyper = replace(hyper, init=str(Path(out) / "pairs"))
     return train_teacher(out, sizes, hyper, seed, resume, name="swap")

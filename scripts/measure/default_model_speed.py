@@ -3,7 +3,7 @@ the whole `fewstep generate` command (process start, imports, load, one image, P
 
 In-process: after two warm-up images, the median of --runs timed images (text encode, one UNet
 evaluation, VAE decode, conversion to PIL). Command: --runs fresh `fewstep generate` processes,
-wall time each. Targets (issue 4): <= 0.1 s and <= 4 s. Prints a Markdown table.
+wall time each. Targets: <= 0.1 s and <= 4 s. Prints a Markdown table.
 
     python scripts/measure/default_model_speed.py [--model PATH] [--runs 20] [--command-runs 5]
 """

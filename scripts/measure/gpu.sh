@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/BENCHMARKS.md (issue 5's GPU points): SD-Turbo and SDXL-Turbo architectures with
+# The GPU rows of docs/BENCHMARKS.md: SD-Turbo and SDXL-Turbo architectures with
 # random weights, 512x512, 1 step, batch 1, end to end (text encode + UNet + decode, no load), fewstep
 # against diffusers fp16 + SDPA eager in the same run, then fewstep's compiled paths (cold and warm
 # compile). Each row is one `fewstep bench ... --json` (each library in fresh processes); rows run in

@@ -6,7 +6,7 @@ initial noise and read back by the shapes evaluator (`fewstep.shapes.metrics.eva
 two-object accuracy, tiny-CLIP score and Fréchet distance (the shipped shapes-clip scorer, the same
 reference renders as `fewstep eval`), and the UNet evaluations each image took, counted with a
 forward hook (classifier-free guidance runs its two halves in one batched call, which counts once).
-Prints Markdown for docs/SHAPES.md; --plot writes accuracy against UNet evaluations as a PNG.
+Prints Markdown for a docs/log/ entry; --plot writes accuracy against UNet evaluations as a PNG.
 
     python scripts/measure/sampler_study.py [--model PATH] [--runs "euler:10,25 dpmpp_2m:10,25 heun:13"]
                                   [--n 500] [--guidance G] [--threads T] [--plot docs/sampler-study.png]

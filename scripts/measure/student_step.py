@@ -5,7 +5,7 @@ pool (RUN/pool), makes the batches first (in training a data worker makes them o
 --steps steps of `distill.ADD.step` with its parts timed by wrapping them: the student's forward over the batch
 and pool rows, its backward, the teacher's classifier-free-guided target, the teacher encoder's features for the
 discriminator, the gradients at x0_hat, the backward-simulation chains and the discriminator. The first
---warmup steps are not counted. Prints Markdown for docs/SHAPES.md. Changes nothing in RUN.
+--warmup steps are not counted. Prints Markdown for a docs/log/ entry. Changes nothing in RUN.
 
     python scripts/measure/student_step.py --run runs/shapes [--steps 12] [--warmup 2]
 """
