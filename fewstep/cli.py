@@ -22,8 +22,11 @@ from .inspect.compare import compare, render_compare
 from .inspect.measure import inspect_model
 from .inspect.report import render
 from .inspect.svg import write_diagram
+from .edits import FILLS, load_image, load_mask
 from .outputs import plan, save_image
 from .request import resolve, seeds_for
+from .samplers import SAMPLERS
+from .shapes import edits as edit_study
 from .shapes.caption import parse_prompt
 from .shapes.evaluate import failures
 from .shapes.metrics import eval_set, evaluate, markdown, sample_grid
@@ -38,7 +41,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; <= 1 disables it")
-    p.add_argument("--sampler", default=None, help="euler, euler_a, heun, dpmpp_2m, ddim, ddpm, lcm")
+    p.add_argument("--sampler", default=None, help=", ".join(SAMPLERS) + " (default: the model's; docs/samplers.md)")
     p.add_argument("--karras", action="store_true", default=None, help="Karras sigma spacing")
     p.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i; -1: a random seed "
                    "(written into each image's parameters)")
@@ -55,11 +58,37 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "the tokenizers and configs to use")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt pickle files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _edit_args(p.add_argument_group("image to image, inpainting, outpainting (docs/editing.md)"))
     speed = p.add_argument_group("speed options (docs/BENCHMARKS.md)")
     speed.add_argument("--decoder", default=None, help="tiny (TAESD from the hub), a TAESD folder, or full")
     speed.add_argument("--token-downsample", type=int, default=None, metavar="F",
                        help="ToDo: self-attention keys/values from FxF-pooled tokens at the highest resolution")
     _quantize_args(speed)
+
+
+def _edit_args(p) -> None:
+    p.add_argument("--image", default=None, help="start from this image (image to image; its size by default)")
+    p.add_argument("--strength", type=float, default=None, help="how much of the image to re-draw, 0-1 "
+                   "(default 0.8; with --mask 1.0)")
+    p.add_argument("--mask", default=None, help="inpaint: repaint where this greyscale image is white")
+    p.add_argument("--mask-blur", type=int, default=0, metavar="PX", help="blur the mask's edge by PX pixels")
+    p.add_argument("--invert-mask", action="store_true", help="repaint where the mask is black instead")
+    p.add_argument("--inpaint-only-masked", type=int, nargs="?", const=32, default=None, metavar="PAD",
+                   help="work on the masked region only (plus PAD pixels, default 32) at the full size, then paste "
+                   "it back")
+    p.add_argument("--overlay", action="store_true", help="keep the original's pixels exactly outside the mask")
+    p.add_argument("--masked-content", default="original", choices=FILLS, help="what the masked area starts from")
+    p.add_argument("--outpaint", default=None, metavar="L,R,T,B", help="grow the canvas by these margins (pixels, "
+                   "rounded up to multiples of 8) and paint them")
+
+
+def _outpaint(text: str | None) -> tuple[int, int, int, int] | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+        raise FewstepError(f"--outpaint {text!r}: give four margins in pixels, LEFT,RIGHT,TOP,BOTTOM (e.g. 64,64,0,0)")
+    return tuple(int(p) for p in parts)
 
 
 def _quantize_args(p) -> None:
@@ -76,6 +105,9 @@ def _parts(text: str) -> tuple[str, ...]:
 def cmd_generate(a: argparse.Namespace) -> None:
     seeds = seeds_for(a.seed, a.num_images)
     paths = plan(a.output, list(seeds))  # before any work: where the images go, and that they can go there
+    outpaint = _outpaint(a.outpaint)
+    image = None if a.image is None else load_image(a.image)  # unreadable inputs are refused before loading too
+    mask = None if a.mask is None else load_mask(a.mask)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     pipe = load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
                 decoder=a.decoder, token_downsample=a.token_downsample)
@@ -83,7 +115,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
         quantize(pipe, a.quantize, _parts(a.quantize_parts))
     request = resolve(pipe.defaults, a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance,
                       sampler=a.sampler, karras=a.karras, seed=seeds[0], width=a.width, height=a.height,
-                      num_images=a.num_images, batch_size=a.batch_size)
+                      num_images=a.num_images, batch_size=a.batch_size, image=image, mask_image=mask,
+                      strength=a.strength, mask_blur=a.mask_blur, invert_mask=a.invert_mask,
+                      padding_mask_crop=a.inpaint_only_masked, overlay=a.overlay, masked_content=a.masked_content,
+                      outpaint=outpaint)
     if pipe.defaults.prompt_grammar == "shapes":
         warn_outside_grammar(a.prompt)
     images = pipe.generate(request, progress=not a.quiet)
@@ -146,6 +181,10 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clip", action="store_true", help="skip the tiny-CLIP score and Fréchet distance")
     p.add_argument("--why", action="store_true", help="also count why the wrong images are wrong "
                    "(position swap, extra object, binding, ...) per step count")
+    p.add_argument("--edits", action="store_true", help="score editing instead: --n recolourings (image to image "
+                   "at --strength) and --n object replacements (inpainting); docs/editing.md")
+    p.add_argument("--strength", type=float, default=0.6, help="--edits: the recolouring's strength")
+    p.add_argument("--no-overlay", action="store_true", help="--edits: inpaint without pasting the original back")
 
 
 def why_line(steps: int, prompts: list[str], images) -> str:
@@ -158,6 +197,8 @@ def why_line(steps: int, prompts: list[str], images) -> str:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     pipe = load(a.model)
+    if a.edits:
+        return _eval_edits(pipe, a)
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [pipe.defaults.steps]
     prompts, clip, reference = eval_set(a.seed, a.n, not a.no_clip, a.clip)
     results, columns = [], {}
@@ -174,6 +215,16 @@ def cmd_eval(a: argparse.Namespace) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         sample_grid(columns, prompts).save(path)
         print(path)
+
+
+def _eval_edits(pipe, a: argparse.Namespace) -> None:
+    steps = int(a.steps) if a.steps else None
+    figures, made, painted = edit_study.run(pipe, a.n, a.seed, a.strength, steps, overlay=not a.no_overlay)
+    print(edit_study.markdown(figures, f"{pipe.name} ({steps or pipe.defaults.steps} steps)"))
+    if a.grid:
+        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
+        edit_study.grid(made, painted).save(a.grid)
+        print(a.grid)
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:

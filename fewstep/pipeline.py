@@ -10,18 +10,22 @@ same initial latents; everything else is a plain function call. A call is resolv
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from . import samplers
 from .configs import SchedulerConfig, TextConditioning
 from .denoiser import Denoiser
 from .errors import FewstepError
-from .imaging import memory_format, safe_decode, to_pil
+from .edits import paste
+from .imaging import autoencoder_input, from_uint8, memory_format, safe_decode, to_pil
 from .memory import Work, check
 from .request import Defaults, Request, infotext, resolve
+from .start import Start, first_step, start
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
@@ -103,9 +107,11 @@ class Pipeline:
             cond["time_ids"] = ids.to(self.device, self.dtype).repeat(context.shape[0], 1)  # [B, 6]
         return cond
 
-    def _model_fn(self, cond: dict, guidance: float, cfg: bool, cache=None) -> Callable:
+    def _model_fn(self, cond: dict, guidance: float, cfg: bool, cache=None, extra: torch.Tensor | None = None
+                  ) -> Callable:
         """The guided model output as a function of (x, t), in fp32. `cache` (e.g. speed.deepcache)
-        wraps the UNet for this one generation, so any state it keeps starts fresh each call."""
+        wraps the UNet for this one generation, so any state it keeps starts fresh each call; `extra`
+        channels (an inpainting UNet's mask and masked-source latents) are stacked onto its input."""
         proj_dim = self.unet.cfg.time_cond_proj_dim
         unet = self.unet if cache is None else cache.wrap(self.unet)
         n = cond["context"].shape[0] // (2 if cfg else 1)
@@ -115,11 +121,15 @@ class Pipeline:
         if self.token_downsample > 1:
             cond = {**cond, "token_downsample": self.token_downsample}
         fmt = memory_format(self.unet)
+        if extra is not None:
+            extra = torch.cat([extra, extra]) if cfg else extra
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x = x.to(self.dtype, memory_format=fmt)
             if cfg:
                 x = torch.cat([x, x])
+            if extra is not None:
+                x = torch.cat([x, extra.to(x.dtype)], dim=1).contiguous(memory_format=fmt)
             out = unet(x, t, **cond).to(torch.float32, memory_format=torch.contiguous_format)
             if not cfg:
                 return out
@@ -133,35 +143,42 @@ class Pipeline:
         ae = self.vae if self.decoder is None else self.decoder
         return safe_decode(ae, z).contiguous()
 
-    def _initial_latents(self, request: Request, part: slice, generators: list) -> torch.Tensor:
-        """Unit noise for the batch, row i from image i's generator; or the request's own latents."""
+    def _start(self, request: Request, part: slice, generators: list) -> Start:
+        """Where this batch's sampling starts (`start.start`), or the request's own initial latents."""
         shape = (self.unet.cfg.out_channels, request.height // self.vae_scale, request.width // self.vae_scale)
         if request.latents is None:
-            return samplers.randn((len(generators), *shape), generators, device=self.device)
+            return start(request.edit, request.steps, shape, generators, self.vae, self.unet.cfg.in_channels,
+                         self.device)
         want = (len(request.prompts), *shape)
         if tuple(request.latents.shape) != want:
             raise FewstepError(f"latents have shape {tuple(request.latents.shape)}, expected {want} for "
                                f"{request.width}x{request.height}")
-        return request.latents[part].to(self.device, torch.float32)
+        return Start(0, None, request.latents[part].to(self.device, torch.float32))
 
     def _batch(self, request: Request, part: slice, callback, progress: bool, cache):
         """One model-call batch of the request: latents, [N, 3, H, W] images or PIL images."""
         cfg = request.guidance > 1.0 and self.unet.cfg.time_cond_proj_dim is None
         cond = self._conditioning(request, part, cfg)
-        denoise = Denoiser(self._model_fn(cond, request.guidance, cfg, cache), self.scheduler)
-        # One generator per image (seed + i), first for its initial noise, then for each step's fresh noise,
-        # as diffusers draws from a list of generators: any image of a batch is the image made alone.
+        # One generator per image (seed + i): it draws the image's start (its source's latent sample, its
+        # initial noise) and then each step's fresh noise, as diffusers draws from a list of generators:
+        # any image of a batch is the image made alone.
         generators = [torch.Generator().manual_seed(s) for s in request.seeds[part]]
-        noise = self._initial_latents(request, part, generators)
-        z = samplers.run(request.sampler, denoise, noise, self.scheduler, request.steps, karras=request.karras,
-                         eta=request.eta, generator=generators, callback=callback, progress=progress)
-        if request.output_type == "latent":
-            return z
-        images = self.decode(z)
-        if request.output_type == "pt":
+        first = self._start(request, part, generators)
+        denoise = Denoiser(self._model_fn(cond, request.guidance, cfg, cache, first.extra), self.scheduler)
+        z = samplers.run(request.sampler, denoise, first.noise, self.scheduler, request.steps, karras=request.karras,
+                         eta=request.eta, generator=generators, callback=callback, progress=progress,
+                         start=first.step, x0=first.x0, blend=first.blend)
+        return z if request.output_type == "latent" else self._output(request, part, self.decode(z))
+
+    def _output(self, request: Request, part: slice, images: torch.Tensor):
+        """Decoded images as the request wants them: a tensor, or PIL images with A1111's parameters text,
+        pasted into their source where an inpainting asks (`edits.paste`)."""
+        if request.output_type == "pt" and not _pastes(request.edit):
             return images
+        out = [paste(im, request.edit) if _pastes(request.edit) else im for im in to_pil(images)]
+        if request.output_type == "pt":
+            return from_uint8(np.stack([np.asarray(im) for im in out])).to(images.device)
         name = samplers.spec(request.sampler).a1111 or request.sampler
-        out = to_pil(images)
         for i, image in zip(range(part.start, part.stop), out):
             image.info["parameters"] = infotext(request, i, self.name, name)  # A1111's text, for saving
         return out
@@ -176,14 +193,26 @@ class Pipeline:
                     self.unet.cfg.out_channels, self.vae_scale, self.dtype.itemsize,
                     3 if request.output_type == "pil" else 12)
 
+    def _unchanged(self, request: Request):
+        """The source, as outputs of a call whose strength runs no step (A1111 returns it too)."""
+        n = len(request.prompts)
+        if request.output_type == "latent":  # the source's posterior mean
+            return self.vae.encode(autoencoder_input(self.vae, request.edit.image)).float().expand(n, -1, -1, -1)
+        return self._output(request, slice(0, n), request.edit.image.expand(n, -1, -1, -1).to(self.device))
+
     @torch.no_grad()
     def generate(self, request: Request, *, callback: Callable | None = None, progress: bool = True, cache=None):
         """Run a resolved request, `request.batch_size` images per model call (memory stays that of one
         batch); returns what `__call__` returns."""
-        if self.unet.cfg.in_channels != self.unet.cfg.out_channels:
+        inpainting = request.edit is not None and request.edit.mask is not None
+        if self.unet.cfg.in_channels != self.unet.cfg.out_channels and not inpainting:
             raise FewstepError(f"this UNet takes {self.unet.cfg.in_channels} input channels (an inpainting model): "
-                               "text-to-image needs a 4-channel UNet")
+                               "give it image= and mask_image= to repaint, or use a 4-channel model")
         check(self.work(request), self.device)
+        if request.edit is not None and first_step(request.steps, request.edit.strength) == request.steps:
+            warnings.warn(f"strength {request.edit.strength:g} of {request.steps} steps runs no step: the image is "
+                          "returned as it is", stacklevel=3)
+            return self._unchanged(request)
         outs = [self._batch(request, part, callback, progress, cache) for part in request.batches()]
         return [im for out in outs for im in out] if request.output_type == "pil" else torch.cat(outs)
 
@@ -194,13 +223,24 @@ class Pipeline:
                  batch_size: int | None = None, latents: torch.Tensor | None = None, karras: bool | None = None,
                  eta: float = 0.0, original_size: tuple[int, int] | None = None,
                  crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
-                 output_type: str = "pil", callback: Callable | None = None, progress: bool = True, cache=None):
+                 output_type: str = "pil", image=None, mask_image=None, strength: float | None = None,
+                 mask_blur: int = 0, invert_mask: bool = False, padding_mask_crop: int | None = None,
+                 overlay: bool = False, masked_content: str = "original",
+                 outpaint: tuple[int, int, int, int] | None = None, callback: Callable | None = None,
+                 progress: bool = True, cache=None):
         """Generate `num_images` images per prompt; returns PIL images (or a [N,3,H,W] tensor in [-1, 1]
         with output_type="pt", or latents with output_type="latent"). None means the model's default.
 
+        Image-to-image: `image` (PIL, path, array or tensor) re-drawn at `strength` (default 0.8);
+        inpainting: with `mask_image` (white: repaint; strength default 1.0), either kind of UNet, as
+        diffusers does; A1111's `mask_blur`, `invert_mask`, `padding_mask_crop` (only the masked region,
+        with this padding), `overlay` (the original kept outside the mask) and `masked_content`
+        ("original", "latent noise", "latent nothing"). Outpainting: `outpaint=(left, right, top, bottom)`
+        grows the image's canvas by these margins and paints them. See `fewstep.edits`, `fewstep.start`.
+
         Image i uses seed + i (-1 or None: a random seed); PIL images carry A1111's `parameters` text in
-        `image.info` (`fewstep.outputs.save_image` writes it). `batch_size` (throughput mode) runs the images that many at a time:
-        each model call then works on a batch (faster per image, on CPU as on GPU) while memory stays
+        `image.info` (`fewstep.outputs.save_image` writes it). `batch_size` (throughput mode) runs the images
+        that many at a time: each model call then works on a batch (faster per image, on CPU as on GPU) while memory stays
         that of one batch. `latents` replaces the seeds' initial noise. SDXL micro-conditioning:
         `original_size`, `crop_top_left`, `target_size` as (height, width). `callback(i, x, denoised,
         sigma)` sees every step (`fewstep.speed.accel.preview_callback` makes previews); `cache` is an
@@ -209,5 +249,12 @@ class Pipeline:
         request = resolve(self.defaults, prompt, negative_prompt, steps=steps, guidance=guidance, sampler=sampler,
                           seed=seed, width=width, height=height, num_images=num_images, batch_size=batch_size,
                           latents=latents, karras=karras, eta=eta, original_size=original_size,
-                          crop_top_left=crop_top_left, target_size=target_size, output_type=output_type)
+                          crop_top_left=crop_top_left, target_size=target_size, output_type=output_type,
+                          image=image, mask_image=mask_image, strength=strength, mask_blur=mask_blur,
+                          invert_mask=invert_mask, padding_mask_crop=padding_mask_crop, overlay=overlay,
+                          masked_content=masked_content, outpaint=outpaint)
         return self.generate(request, callback=callback, progress=progress, cache=cache)
+
+
+def _pastes(edit) -> bool:
+    return edit is not None and (edit.crop is not None or edit.overlay)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .edits import FILLS, Edit, outpaint_canvas, prepare
 from .errors import FewstepError
 from .samplers import spec
 
@@ -52,6 +53,7 @@ class Request:
     target_size: tuple[int, int]
     output_type: str = "pil"
     latents: torch.Tensor | None = field(default=None, compare=False)  # [N, C, h, w] instead of the seeds' noise
+    edit: Edit | None = None  # image-to-image / inpainting: the source, mask and strength
 
     def batches(self) -> list[slice]:
         """The images of each model call, in order."""
@@ -135,8 +137,22 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
             width: int | None = None, height: int | None = None, num_images: int = 1, batch_size: int | None = None,
             latents: torch.Tensor | None = None, karras: bool | None = None, eta: float = 0.0,
             original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
-            target_size: tuple[int, int] | None = None, output_type: str = "pil") -> Request:
+            target_size: tuple[int, int] | None = None, output_type: str = "pil", image=None, mask_image=None,
+            strength: float | None = None, mask_blur: int = 0, invert_mask: bool = False,
+            padding_mask_crop: int | None = None, overlay: bool = False, masked_content: str = "original",
+            outpaint: tuple[int, int, int, int] | None = None) -> Request:
     """The Request for these arguments of `Pipeline.__call__` (see there), with `defaults` for what is None."""
+    edit = None
+    if outpaint is not None:
+        if image is None or mask_image is not None:
+            raise FewstepError("outpaint needs an image (image=...) and makes its own mask (no mask_image)")
+        image, mask_image = outpaint_canvas(image, *outpaint)
+        overlay = True  # the original's pixels are kept exactly; only the margins (and the seam) are new
+    if image is not None:
+        edit, width, height = _edit(image, mask_image, strength, width, height, mask_blur, invert_mask,
+                                    padding_mask_crop, overlay, masked_content)
+    elif mask_image is not None or strength is not None:
+        raise FewstepError("mask_image and strength need an image to start from (image=...)")
     width, height = (defaults.size if width is None else width), (defaults.size if height is None else height)
     check_size(width, height, defaults.size)
     _whole(num_images, "num_images")
@@ -154,7 +170,24 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
                    _whole(defaults.steps if steps is None else steps, "steps"), guidance, sampler, karras,
                    _number(eta, "eta", 0.0), width, height, batch_size or len(prompts),
                    _pair(original_size, "original_size", (height, width)), _pair(crop_top_left, "crop_top_left", (0, 0)),
-                   _pair(target_size, "target_size", (height, width)), output_type, latents)
+                   _pair(target_size, "target_size", (height, width)), output_type, latents, edit)
+
+
+def _edit(image, mask_image, strength, width, height, mask_blur, invert_mask, padding_mask_crop, overlay,
+          masked_content) -> tuple[Edit, int, int]:
+    """The image-conditioned part of a request: strength by default diffusers' (0.8 image-to-image, 1.0
+    inpainting), the options checked, the inputs prepared (`edits.prepare`)."""
+    strength = _number((0.8 if mask_image is None else 1.0) if strength is None else strength, "strength", 0.0)
+    if strength > 1:
+        raise FewstepError(f"strength={strength!r} must be between 0 and 1 (1: repaint from pure noise)")
+    if masked_content not in FILLS:
+        raise FewstepError(f"masked_content={masked_content!r}: choose one of {', '.join(FILLS)}")
+    if padding_mask_crop is not None:
+        _whole(padding_mask_crop, "padding_mask_crop", 0)
+    check_size(8 if width is None else width, 8 if height is None else height)
+    return prepare(image, mask_image, strength, width, height, mask_blur=_whole(mask_blur, "mask_blur", 0),
+                   invert_mask=bool(invert_mask), padding_mask_crop=padding_mask_crop, overlay=bool(overlay),
+                   fill=masked_content)
 
 
 def infotext(request: Request, i: int, model: str, sampler_name: str) -> str:
@@ -167,4 +200,17 @@ def infotext(request: Request, i: int, model: str, sampler_name: str) -> str:
     settings += ["Schedule type: Karras"] if request.karras else []
     settings += [f"CFG scale: {request.guidance:g}", f"Seed: {request.seeds[i]}",
                  f"Size: {request.width}x{request.height}", f"Model: {model}"]
-    return "\n".join(lines + [", ".join(settings)])
+    return "\n".join(lines + [", ".join(settings + _edit_settings(request.edit))])
+
+
+def _edit_settings(edit: Edit | None) -> list[str]:
+    """A1111's infotext fields of an image-conditioned generation."""
+    if edit is None:
+        return []
+    out = [f"Denoising strength: {edit.strength:g}"]
+    if edit.mask is not None:
+        out += [f"Mask blur: {edit.mask_blur}"] if edit.mask_blur else []
+        out += ["Mask mode: Inpaint not masked"] if edit.inverted else []
+        out += [f"Masked content: {edit.fill}"] if edit.fill != "original" else []
+        out += ["Inpaint area: Only masked", f"Masked area padding: {edit.padding}"] if edit.crop else []
+    return out

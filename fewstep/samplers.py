@@ -6,7 +6,9 @@ between calls; `callback(i, x, denoised, sigma)` sees every step (for previews).
 
 References: Euler / Heun / ancestral steps from Karras et al. 2022 and k-diffusion; DDIM (Song et
 al. 2021) and DDPM (Ho et al. 2020) rewritten in sigmas, where they are ancestral Euler steps;
-DPM-Solver++(2M) (Lu et al. 2022); LCM multistep consistency sampling (Luo et al. 2023). `run` is
+DPM-Solver++(2M) (Lu et al. 2022); LCM multistep consistency sampling (Luo et al. 2023). Every
+sampler takes an optional `blend(i, x, sigma_next) -> x`, applied after each step's update where
+diffusers' inpainting loop mixes the source back in (4-channel UNets). `run` is
 the one entry the pipeline calls: it reads the sampler's row of `SAMPLERS`, builds the schedule the
 matching diffusers scheduler would and starts and ends in the same latent space, so fewstep and
 diffusers agree to float rounding.
@@ -24,17 +26,8 @@ from tqdm.auto import trange
 
 from .configs import SchedulerConfig
 from .errors import FewstepError
+from .noise import randn
 from .schedules import schedule
-
-
-def randn(shape: tuple[int, ...], generator, dtype: torch.dtype = torch.float32,
-          device: torch.device | str = "cpu") -> torch.Tensor:
-    """N(0, I) of `shape` as diffusers' randn_tensor draws it: on the generator's device, then moved (one
-    CPU seed gives the same image on any device); with a list of generators, row i from generator i."""
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([randn((1, *shape[1:]), g, dtype, device) for g in generator])
-    on = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, dtype=dtype, device=on).to(device)
 
 
 def default_noise_sampler(x: torch.Tensor, generator=None) -> Callable:
@@ -53,18 +46,21 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1
 
 
 @torch.no_grad()
-def sample_euler(denoise, x, sigmas, *, callback=None, disable=None):
+def sample_euler(denoise, x, sigmas, *, blend=None, callback=None, disable=None):
     """Euler's method on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma."""
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = denoise(x, sigmas[i])
         if callback is not None:
             callback(i, x, denoised, sigmas[i])
         x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        if blend is not None:
+            x = blend(i, x, sigmas[i + 1])
     return x
 
 
 @torch.no_grad()
-def sample_euler_ancestral(denoise, x, sigmas, *, eta=1.0, noise_sampler=None, callback=None, disable=None):
+def sample_euler_ancestral(denoise, x, sigmas, *, eta=1.0, noise_sampler=None, blend=None, callback=None,
+                           disable=None):
     """Euler down to sigma_down, then fresh noise up to sigma_next (k-diffusion; SDXL-Turbo's sampler)."""
     noise_sampler = noise_sampler or default_noise_sampler(x)
     for i in trange(len(sigmas) - 1, disable=disable):
@@ -75,11 +71,13 @@ def sample_euler_ancestral(denoise, x, sigmas, *, eta=1.0, noise_sampler=None, c
         x = x + (x - denoised) / sigmas[i] * (sigma_down - sigmas[i])
         if sigmas[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigma_up
+        if blend is not None:
+            x = blend(i, x, sigmas[i + 1])
     return x
 
 
 @torch.no_grad()
-def sample_heun(denoise, x, sigmas, *, callback=None, disable=None):
+def sample_heun(denoise, x, sigmas, *, blend=None, callback=None, disable=None):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1); the step to sigma = 0 is Euler."""
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = denoise(x, sigmas[i])
@@ -91,13 +89,17 @@ def sample_heun(denoise, x, sigmas, *, callback=None, disable=None):
             x = x + d * dt
         else:
             x_2 = x + d * dt
+            if blend is not None:  # as diffusers blends after each scheduler call, the predictor's too
+                x_2 = blend(i, x_2, sigmas[i + 1])
             d_2 = (x_2 - denoise(x_2, sigmas[i + 1])) / sigmas[i + 1]
             x = x + (d + d_2) / 2 * dt
+        if blend is not None:
+            x = blend(i, x, sigmas[i + 1])
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(denoise, x, sigmas, *, callback=None, disable=None):
+def sample_dpmpp_2m(denoise, x, sigmas, *, blend=None, callback=None, disable=None):
     """DPM-Solver++(2M) (Lu et al. 2022) in log-sigma time; first order on the first and last step
     (diffusers' lower_order_final with final sigma 0)."""
     old_denoised = None
@@ -114,11 +116,14 @@ def sample_dpmpp_2m(denoise, x, sigmas, *, callback=None, disable=None):
             denoised_d = denoised
         x = (sigmas[i + 1] / sigmas[i]) * x - (-h).expm1() * denoised_d
         old_denoised = denoised
+        if blend is not None:
+            x = blend(i, x, sigmas[i + 1])
     return x
 
 
 @torch.no_grad()
-def sample_ddim(denoise, x, sigmas, *, eta=0.0, landing=None, noise_sampler=None, callback=None, disable=None):
+def sample_ddim(denoise, x, sigmas, *, eta=0.0, landing=None, noise_sampler=None, blend=None, callback=None,
+                disable=None):
     """DDIM (Song et al. 2021) in sigmas: an Euler step (eta = 0) or an ancestral one (eta > 0).
 
     `landing[i]` is where step i lands when that is not sigmas[i + 1]: diffusers' DDIM steps to
@@ -134,13 +139,16 @@ def sample_ddim(denoise, x, sigmas, *, eta=0.0, landing=None, noise_sampler=None
         if sigma_up > 0:
             x = x + noise_sampler(sigmas[i], landing[i]) * sigma_up
         x = x * ((sigmas[i + 1] ** 2 + 1) / (landing[i] ** 2 + 1)) ** 0.5
+        if blend is not None:
+            x = blend(i, x, sigmas[i + 1])
     return x
 
 
-def sample_ddpm(denoise, x, sigmas, *, noise_sampler=None, callback=None, disable=None):
+def sample_ddpm(denoise, x, sigmas, *, noise_sampler=None, blend=None, callback=None, disable=None):
     """DDPM ancestral sampling (Ho et al. 2020) with the posterior variance ("fixed_small"): this is
     DDIM with eta = 1 stepping to the next timestep (Song et al. 2021, section 4.1)."""
-    return sample_ddim(denoise, x, sigmas, eta=1.0, noise_sampler=noise_sampler, callback=callback, disable=disable)
+    return sample_ddim(denoise, x, sigmas, eta=1.0, noise_sampler=noise_sampler, blend=blend, callback=callback,
+                       disable=disable)
 
 
 def lcm_boundary(timesteps: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5) -> torch.Tensor:
@@ -150,7 +158,7 @@ def lcm_boundary(timesteps: torch.Tensor, timestep_scaling: float = 10.0, sigma_
 
 
 @torch.no_grad()
-def sample_lcm(denoise, x, sigmas, *, boundary=None, noise_sampler=None, callback=None, disable=None):
+def sample_lcm(denoise, x, sigmas, *, boundary=None, noise_sampler=None, blend=None, callback=None, disable=None):
     """LCM multistep sampling (Luo et al. 2023, Algorithm 1): jump to x0, re-noise to the next sigma.
     `boundary` (from lcm_boundary) mixes in c_skip times the VP latent, as the LCM scheduler does."""
     noise_sampler = noise_sampler or default_noise_sampler(x)
@@ -164,6 +172,8 @@ def sample_lcm(denoise, x, sigmas, *, boundary=None, noise_sampler=None, callbac
         x = denoised
         if sigmas[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1]
+        if blend is not None:
+            x = blend(i, x, sigmas[i + 1])
     return x
 
 
@@ -219,13 +229,16 @@ def for_scheduler(class_name: str) -> str:
 
 def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: int, *, karras: bool | None = None,
         eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
-        callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+        callback: Callable | None = None, progress: bool = False, start: int = 0, x0: torch.Tensor | None = None,
+        blend: Callable | None = None) -> torch.Tensor:
     """Sample with `name` from unit-variance `noise`; returns latents as diffusers hands them to the VAE.
 
     `denoise(x, sigma, t=None)` is a `Denoiser`. `karras=None` follows the config's use_karras_sigmas
     (for the samplers that have Karras sigmas). `eta` is DDIM's; `generator` draws the fresh noise of
     stochastic samplers: one for the whole batch, or one per image (image i's noise from generator i,
-    so an image of a batch is the image made alone, as diffusers does with a list of generators)."""
+    so an image of a batch is the image made alone, as diffusers does with a list of generators).
+    Image-to-image: `start` skips the schedule's first steps and `x0` (clean latents) starts the rest
+    from x0 + sigma * noise, diffusers' `add_noise`; `blend` is the samplers' per-step hook."""
     s = spec(name)
     if karras is None:
         karras = sched.use_karras_sigmas and s.karras
@@ -237,13 +250,14 @@ def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: 
     def denoise_at(x, sigma):  # the schedule knows the exact t diffusers feeds the model at this sigma
         return denoise(x, sigma, t=exact_t.get(float(sigma)))
 
-    x = noise * sch.init_sigma
-    options = {"callback": callback, "disable": not progress}
+    sigmas = sch.sigmas[start:]
+    x = noise * sch.init_sigma if x0 is None else x0 + noise * sigmas[0]
+    options = {"callback": callback, "disable": not progress, "blend": blend}
     if s.stochastic:
         options["noise_sampler"] = default_noise_sampler(x, generator)
     if s.family == "ddim":
-        options.update(eta=eta, landing=sch.landing)
+        options.update(eta=eta, landing=sch.landing[start:])
     if s.family == "lcm":
-        options["boundary"] = lcm_boundary(sch.timesteps, sched.timestep_scaling)
-    x = s.sample(denoise_at, x, sch.sigmas, **options)
-    return x / math.sqrt(sch.sigmas[-1].item() ** 2 + 1)  # back to VP space (DDIM may stop above sigma 0)
+        options["boundary"] = lcm_boundary(sch.timesteps[start:], sched.timestep_scaling)
+    x = s.sample(denoise_at, x, sigmas, **options)
+    return x / math.sqrt(sigmas[-1].item() ** 2 + 1)  # back to VP space (DDIM may stop above sigma 0)

@@ -96,7 +96,9 @@ class TinyAutoencoder(nn.Module):
         self.encoder = Encoder(cfg) if with_encoder else None
         self.decoder = Decoder(cfg) if with_decoder else None
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
+        """Latents of x: TAESD's encoder is deterministic, so `generator` and `sample` (AutoencoderKL's
+        posterior sample) change nothing and draw nothing, as in diffusers' AutoencoderTiny."""
         if self.encoder is None:
             raise FewstepError("this tiny autoencoder has no encoder: load it with an encoder file")
         return self.encoder(x)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import VAEConfig
+from ..noise import randn
 from .layers import Downsample2D, ResnetBlock2D, Upsample2D, VAEAttention
 
 EPS = 1e-6  # every VAE norm uses this eps, whatever the UNet uses
@@ -128,17 +129,17 @@ class AutoencoderKL(nn.Module):
         mean, logvar = h.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)  # as diffusers' DiagonalGaussianDistribution
 
-    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, generator=None, sample: bool = False) -> torch.Tensor:
         """Diffusion-space latents of x: the posterior mean, or a draw from it when `sample`.
 
-        The noise is drawn on the generator's device (CPU generators give the same latents on any
-        device) with the latents' dtype, exactly as diffusers' `latent_dist.sample(generator)`."""
+        The noise is drawn as diffusers' `latent_dist.sample(generator)` draws it (`noise.randn`: on the
+        generator's device, in the latents' dtype; a list of generators draws image i from generator i, and
+        turns one image into as many samples as there are generators)."""
         mean, logvar = (m.to(x.dtype) for m in self.encode_moments(x))  # autocast: back to the input's dtype
         z = mean
         if sample:
-            device = generator.device if generator is not None else mean.device
-            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-            z = mean + torch.exp(0.5 * logvar) * noise
+            shape = (len(generator), *mean.shape[1:]) if isinstance(generator, list) else tuple(mean.shape)
+            z = mean + torch.exp(0.5 * logvar) * randn(shape, generator, mean.dtype, mean.device)  # [1] -> [n]
         return (z - self.shift) * self.cfg.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
