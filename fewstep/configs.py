@@ -318,13 +318,16 @@ class TextConditioning:
     pooled: bool = False  # the last encoder's text_embeds -> the UNet's `text_embeds`
     time_ids: bool = False  # (original size, crop top-left, target size) -> the UNet's `time_ids`
     zeros_for_empty_negative: bool = False  # no negative prompt: zero conditioning, not the empty prompt's
+    aesthetic_score: bool = False  # SDXL refiner: an aesthetic score in the time ids, not the target size
 
     def __post_init__(self):
         if self.hidden_state not in ("last", "penultimate"):
             raise FewstepError(f"TextConditioning.hidden_state {self.hidden_state!r}: use 'last' or 'penultimate'")
 
     @classmethod
-    def for_unet(cls, unet: UNetConfig, zeros_for_empty_negative: bool = False) -> TextConditioning:
-        """SDXL's conditioning for a UNet with the text_time add-embedding, else SD 1.x / 2.x's."""
+    def for_unet(cls, unet: UNetConfig, zeros_for_empty_negative: bool = False,
+                 aesthetic_score: bool = False) -> TextConditioning:
+        """SDXL's conditioning for a UNet with the text_time add-embedding (with `aesthetic_score`: the
+        refiner's, diffusers' `requires_aesthetics_score`), else SD 1.x / 2.x's."""
         sdxl = unet.addition_time_embed_dim is not None
-        return cls("penultimate" if sdxl else "last", sdxl, sdxl, zeros_for_empty_negative)
+        return cls("penultimate" if sdxl else "last", sdxl, sdxl, zeros_for_empty_negative, sdxl and aesthetic_score)

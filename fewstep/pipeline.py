@@ -103,9 +103,19 @@ class Pipeline:
         if self.conditioning.pooled:
             cond["text_embeds"] = pooled
         if self.conditioning.time_ids:
-            ids = torch.tensor([request.original_size + request.crop_top_left + request.target_size])
-            cond["time_ids"] = ids.to(self.device, self.dtype).repeat(context.shape[0], 1)  # [B, 6]
+            cond["time_ids"] = self._time_ids(request, context.shape[0], cfg)
         return cond
+
+    def _time_ids(self, request: Request, rows: int, cfg: bool) -> torch.Tensor:
+        """SDXL's size / crop ids, [rows, 6]: the original size, the crop's top-left, then the target size;
+        the refiner's, [rows, 5], end in the aesthetic score instead (the negative score for the rows of
+        the unconditional half)."""
+        head = request.original_size + request.crop_top_left
+        if not self.conditioning.aesthetic_score:
+            return torch.tensor([head + request.target_size] * rows).to(self.device, self.dtype)
+        pos, neg = head + (request.aesthetic_score,), head + (request.negative_aesthetic_score,)
+        half = rows // 2 if cfg else 0
+        return torch.tensor([neg] * half + [pos] * (rows - half)).to(self.device, self.dtype)
 
     def _model_fn(self, cond: dict, guidance: float, cfg: bool, cache=None, extra: torch.Tensor | None = None
                   ) -> Callable:
@@ -146,6 +156,12 @@ class Pipeline:
     def _start(self, request: Request, part: slice, generators: list) -> Start:
         """Where this batch's sampling starts (`start.start`), or the request's own initial latents."""
         shape = (self.unet.cfg.out_channels, request.height // self.vae_scale, request.width // self.vae_scale)
+        if request.handoff is not None:  # a refiner takes up a base's latents: nothing drawn before the steps
+            handoff = request.handoff.to(self.device).expand(len(request.prompts), -1, -1, -1)[part]
+            if tuple(handoff.shape[1:]) != shape:
+                raise FewstepError(f"the latents to continue from are {tuple(handoff.shape[1:])}, this model's "
+                                   f"are {shape}")
+            return Start(0, None, handoff, noisy=handoff)
         if request.latents is None:
             return start(request.edit, request.steps, shape, generators, self.vae, self.unet.cfg.in_channels,
                          self.device)
@@ -165,9 +181,11 @@ class Pipeline:
         generators = [torch.Generator().manual_seed(s) for s in request.seeds[part]]
         first = self._start(request, part, generators)
         denoise = Denoiser(self._model_fn(cond, request.guidance, cfg, cache, first.extra), self.scheduler)
+        begin, end = samplers.cut(request.sampler, self.scheduler, request.steps, request.karras,
+                                  request.denoising_start, request.denoising_end)
         z = samplers.run(request.sampler, denoise, first.noise, self.scheduler, request.steps, karras=request.karras,
                          eta=request.eta, generator=generators, callback=callback, progress=progress,
-                         start=first.step, x0=first.x0, blend=first.blend)
+                         start=max(first.step, begin), end=end, x0=first.x0, noisy=first.noisy, blend=first.blend)
         return z if request.output_type == "latent" else self._output(request, part, self.decode(z))
 
     def _output(self, request: Request, part: slice, images: torch.Tensor):
@@ -226,33 +244,29 @@ class Pipeline:
                  output_type: str = "pil", image=None, mask_image=None, strength: float | None = None,
                  mask_blur: int = 0, invert_mask: bool = False, padding_mask_crop: int | None = None,
                  overlay: bool = False, masked_content: str = "original",
-                 outpaint: tuple[int, int, int, int] | None = None, callback: Callable | None = None,
-                 progress: bool = True, cache=None):
-        """Generate `num_images` images per prompt; returns PIL images (or a [N,3,H,W] tensor in [-1, 1]
-        with output_type="pt", or latents with output_type="latent"). None means the model's default.
+                 outpaint: tuple[int, int, int, int] | None = None, denoising_start: float | None = None,
+                 denoising_end: float | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, callback: Callable | None = None, progress: bool = True,
+                 cache=None):
+        """Generate `num_images` images per prompt: PIL images (with A1111's `parameters` text in `.info`), or a
+        [N, 3, H, W] tensor in [-1, 1] (output_type="pt"), or latents ("latent"). None: the model's default.
 
-        Image-to-image: `image` (PIL, path, array or tensor) re-drawn at `strength` (default 0.8);
-        inpainting: with `mask_image` (white: repaint; strength default 1.0), either kind of UNet, as
-        diffusers does; A1111's `mask_blur`, `invert_mask`, `padding_mask_crop` (only the masked region,
-        with this padding), `overlay` (the original kept outside the mask) and `masked_content`
-        ("original", "latent noise", "latent nothing"). Outpainting: `outpaint=(left, right, top, bottom)`
-        grows the image's canvas by these margins and paints them. See `fewstep.edits`, `fewstep.start`.
-
-        Image i uses seed + i (-1 or None: a random seed); PIL images carry A1111's `parameters` text in
-        `image.info` (`fewstep.outputs.save_image` writes it). `batch_size` (throughput mode) runs the images
-        that many at a time: each model call then works on a batch (faster per image, on CPU as on GPU) while memory stays
-        that of one batch. `latents` replaces the seeds' initial noise. SDXL micro-conditioning:
-        `original_size`, `crop_top_left`, `target_size` as (height, width). `callback(i, x, denoised,
-        sigma)` sees every step (`fewstep.speed.accel.preview_callback` makes previews); `cache` is an
-        object whose `wrap(unet)` returns a callable used exactly like the UNet for this generation
-        (feature caching, e.g. `fewstep.speed.deepcache`)."""
+        Image i uses seed + i (-1 / None: random). `batch_size`: images per model call (throughput mode).
+        `latents`: the initial noise. SDXL: `original_size`, `crop_top_left`, `target_size` (height,
+        width); a refiner's `aesthetic_score`s; a base's `denoising_end` and a refiner's `denoising_start`
+        (with the base's latents as `image`). Editing (docs/editing.md): `image` at `strength`, with a
+        `mask_image` to inpaint, A1111's `mask_blur`, `invert_mask`, `padding_mask_crop`, `overlay`,
+        `masked_content`, and `outpaint=(left, right, top, bottom)`. `callback(i, x, denoised, sigma)`
+        sees every step; `cache.wrap(unet)` stands in for the UNet for one generation (DeepCache)."""
         request = resolve(self.defaults, prompt, negative_prompt, steps=steps, guidance=guidance, sampler=sampler,
                           seed=seed, width=width, height=height, num_images=num_images, batch_size=batch_size,
                           latents=latents, karras=karras, eta=eta, original_size=original_size,
                           crop_top_left=crop_top_left, target_size=target_size, output_type=output_type,
                           image=image, mask_image=mask_image, strength=strength, mask_blur=mask_blur,
                           invert_mask=invert_mask, padding_mask_crop=padding_mask_crop, overlay=overlay,
-                          masked_content=masked_content, outpaint=outpaint)
+                          masked_content=masked_content, outpaint=outpaint, denoising_start=denoising_start,
+                          denoising_end=denoising_end, aesthetic_score=aesthetic_score,
+                          negative_aesthetic_score=negative_aesthetic_score)
         return self.generate(request, callback=callback, progress=progress, cache=cache)
 
 

@@ -54,6 +54,11 @@ class Request:
     output_type: str = "pil"
     latents: torch.Tensor | None = field(default=None, compare=False)  # [N, C, h, w] instead of the seeds' noise
     edit: Edit | None = None  # image-to-image / inpainting: the source, mask and strength
+    denoising_end: float | None = None  # stop at this fraction of the schedule (an SDXL base before its refiner)
+    denoising_start: float | None = None  # begin there, from `handoff` (the refiner)
+    handoff: torch.Tensor | None = field(default=None, compare=False)  # [n, C, h, w] latents a base left
+    aesthetic_score: float = 6.0  # SDXL refiner micro-conditioning (diffusers' defaults)
+    negative_aesthetic_score: float = 2.5
 
     def batches(self) -> list[slice]:
         """The images of each model call, in order."""
@@ -140,28 +145,24 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
             target_size: tuple[int, int] | None = None, output_type: str = "pil", image=None, mask_image=None,
             strength: float | None = None, mask_blur: int = 0, invert_mask: bool = False,
             padding_mask_crop: int | None = None, overlay: bool = False, masked_content: str = "original",
-            outpaint: tuple[int, int, int, int] | None = None) -> Request:
+            outpaint: tuple[int, int, int, int] | None = None, denoising_start: float | None = None,
+            denoising_end: float | None = None, aesthetic_score: float = 6.0,
+            negative_aesthetic_score: float = 2.5) -> Request:
     """The Request for these arguments of `Pipeline.__call__` (see there), with `defaults` for what is None."""
-    edit = None
+    handoff = None
+    if denoising_start is not None:
+        handoff, width, height = _handoff(image, denoising_start, denoising_end, width, height)
+        image = None
     if outpaint is not None:
         if image is None or mask_image is not None:
             raise FewstepError("outpaint needs an image (image=...) and makes its own mask (no mask_image)")
         image, mask_image = outpaint_canvas(image, *outpaint)
         overlay = True  # the original's pixels are kept exactly; only the margins (and the seam) are new
-    if image is not None:
-        edit, width, height = _edit(image, mask_image, strength, width, height, mask_blur, invert_mask,
-                                    padding_mask_crop, overlay, masked_content)
-    elif mask_image is not None or strength is not None:
-        raise FewstepError("mask_image and strength need an image to start from (image=...)")
+    edit, width, height = _edit(image, mask_image, strength, width, height, mask_blur, invert_mask,
+                                padding_mask_crop, overlay, masked_content)
     width, height = (defaults.size if width is None else width), (defaults.size if height is None else height)
     check_size(width, height, defaults.size)
-    _whole(num_images, "num_images")
-    if batch_size is not None:
-        _whole(batch_size, "batch_size")
-    if output_type not in OUTPUT_TYPES:
-        raise FewstepError(f"output_type={output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
-    if karras not in (None, True, False) or latents is not None and not isinstance(latents, torch.Tensor):
-        raise FewstepError("karras must be True, False or None, and latents a tensor or None")
+    _check_kinds(num_images, batch_size, output_type, karras, latents)
     guidance = _number(defaults.guidance if guidance is None else guidance, "guidance", note=" (<= 1: no guidance)")
     sampler = sampler or defaults.sampler
     spec(sampler)
@@ -170,13 +171,47 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
                    _whole(defaults.steps if steps is None else steps, "steps"), guidance, sampler, karras,
                    _number(eta, "eta", 0.0), width, height, batch_size or len(prompts),
                    _pair(original_size, "original_size", (height, width)), _pair(crop_top_left, "crop_top_left", (0, 0)),
-                   _pair(target_size, "target_size", (height, width)), output_type, latents, edit)
+                   _pair(target_size, "target_size", (height, width)), output_type, latents, edit,
+                   _fraction(denoising_end, "denoising_end"), denoising_start, handoff,
+                   _number(aesthetic_score, "aesthetic_score"), _number(negative_aesthetic_score, "negative_aesthetic_score"))
+
+
+def _fraction(value, name: str) -> float | None:
+    if value is not None and not 0 < _number(value, name) < 1:
+        raise FewstepError(f"{name}={value!r} must be between 0 and 1 (a fraction of the schedule)")
+    return value
+
+
+def _handoff(latents, denoising_start, denoising_end, width, height) -> tuple[torch.Tensor, int, int]:
+    """The latents a base left (`output_type="latent"` with `denoising_end`), taken up at `denoising_start`."""
+    _fraction(denoising_start, "denoising_start")
+    if denoising_end is not None and denoising_end <= denoising_start:
+        raise FewstepError(f"denoising_end={denoising_end} must come after denoising_start={denoising_start}")
+    if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] == 3:
+        raise FewstepError("denoising_start continues from latents: pass a base's output_type='latent' result "
+                           "(a [N, C, h, w] tensor) as image=")
+    h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+    return latents.float(), width or w, height or h
+
+
+def _check_kinds(num_images, batch_size, output_type, karras, latents) -> None:
+    _whole(num_images, "num_images")
+    if batch_size is not None:
+        _whole(batch_size, "batch_size")
+    if output_type not in OUTPUT_TYPES:
+        raise FewstepError(f"output_type={output_type!r}: choose one of {', '.join(OUTPUT_TYPES)}")
+    if karras not in (None, True, False) or latents is not None and not isinstance(latents, torch.Tensor):
+        raise FewstepError("karras must be True, False or None, and latents a tensor or None")
 
 
 def _edit(image, mask_image, strength, width, height, mask_blur, invert_mask, padding_mask_crop, overlay,
-          masked_content) -> tuple[Edit, int, int]:
-    """The image-conditioned part of a request: strength by default diffusers' (0.8 image-to-image, 1.0
-    inpainting), the options checked, the inputs prepared (`edits.prepare`)."""
+          masked_content) -> tuple[Edit | None, int | None, int | None]:
+    """The image-conditioned part of a request (None without an image): strength by default diffusers'
+    (0.8 image-to-image, 1.0 inpainting), the options checked, the inputs prepared (`edits.prepare`)."""
+    if image is None:
+        if mask_image is not None or strength is not None:
+            raise FewstepError("mask_image and strength need an image to start from (image=...)")
+        return None, width, height
     strength = _number((0.8 if mask_image is None else 1.0) if strength is None else strength, "strength", 0.0)
     if strength > 1:
         raise FewstepError(f"strength={strength!r} must be between 0 and 1 (1: repaint from pure noise)")

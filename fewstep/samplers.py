@@ -227,10 +227,24 @@ def for_scheduler(class_name: str) -> str:
     return nearest
 
 
+def cut(name: str, sched: SchedulerConfig, steps: int, karras: bool | None, denoising_start: float | None,
+        denoising_end: float | None) -> tuple[int, int]:
+    """The steps [start, end) that run when sampling stops early (`denoising_end`, the SDXL base of a base +
+    refiner pair) or begins late (`denoising_start`, the refiner): diffusers' rule, a cut at timestep
+    round(T - fraction * T), the steps at or above it before, the ones below it after."""
+    s = spec(name)
+    ts = schedule(s.family, sched, steps, s.karras and (sched.use_karras_sigmas if karras is None else karras)).timesteps
+    T = sched.num_train_timesteps
+    start = 0 if denoising_start is None else int((ts >= round(T - denoising_start * T)).sum())
+    end = steps if denoising_end is None else int((ts >= round(T - denoising_end * T)).sum())
+    return start, end
+
+
 def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: int, *, karras: bool | None = None,
         eta: float = 0.0, generator: torch.Generator | list[torch.Generator] | None = None,
-        callback: Callable | None = None, progress: bool = False, start: int = 0, x0: torch.Tensor | None = None,
-        blend: Callable | None = None) -> torch.Tensor:
+        callback: Callable | None = None, progress: bool = False, start: int = 0, end: int | None = None,
+        x0: torch.Tensor | None = None, noisy: torch.Tensor | None = None, blend: Callable | None = None
+        ) -> torch.Tensor:
     """Sample with `name` from unit-variance `noise`; returns latents as diffusers hands them to the VAE.
 
     `denoise(x, sigma, t=None)` is a `Denoiser`. `karras=None` follows the config's use_karras_sigmas
@@ -238,7 +252,9 @@ def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: 
     stochastic samplers: one for the whole batch, or one per image (image i's noise from generator i,
     so an image of a batch is the image made alone, as diffusers does with a list of generators).
     Image-to-image: `start` skips the schedule's first steps and `x0` (clean latents) starts the rest
-    from x0 + sigma * noise, diffusers' `add_noise`; `blend` is the samplers' per-step hook."""
+    from x0 + sigma * noise, diffusers' `add_noise`; `blend` is the samplers' per-step hook. `end` stops
+    before the schedule does; the latents are then as diffusers leaves them (VE for the Euler family, VP
+    for the others), and `noisy` takes such latents up again at step `start` (see `cut`)."""
     s = spec(name)
     if karras is None:
         karras = sched.use_karras_sigmas and s.karras
@@ -250,14 +266,24 @@ def run(name: str, denoise, noise: torch.Tensor, sched: SchedulerConfig, steps: 
     def denoise_at(x, sigma):  # the schedule knows the exact t diffusers feeds the model at this sigma
         return denoise(x, sigma, t=exact_t.get(float(sigma)))
 
-    sigmas = sch.sigmas[start:]
-    x = noise * sch.init_sigma if x0 is None else x0 + noise * sigmas[0]
+    sigmas = sch.sigmas[start:None if end is None else end + 1]
+    x = _first(s, sch, sigmas[0], noise, x0, noisy)
     options = {"callback": callback, "disable": not progress, "blend": blend}
     if s.stochastic:
         options["noise_sampler"] = default_noise_sampler(x, generator)
     if s.family == "ddim":
-        options.update(eta=eta, landing=sch.landing[start:])
+        options.update(eta=eta, landing=sch.landing[start:end])
     if s.family == "lcm":
-        options["boundary"] = lcm_boundary(sch.timesteps[start:], sched.timestep_scaling)
+        options["boundary"] = lcm_boundary(sch.timesteps[start:end], sched.timestep_scaling)
     x = s.sample(denoise_at, x, sigmas, **options)
+    if s.family == "k":  # VE, as diffusers' Euler-family schedulers keep it (the same at sigma 0)
+        return x
     return x / math.sqrt(sigmas[-1].item() ** 2 + 1)  # back to VP space (DDIM may stop above sigma 0)
+
+
+def _first(s: SamplerSpec, sch, sigma: torch.Tensor, noise: torch.Tensor, x0, noisy) -> torch.Tensor:
+    """The VE latent sampling starts from: noise at the schedule's first sigma, a clean x0 noised to `sigma`,
+    or latents left by an earlier run (VE for the Euler family, VP for the others)."""
+    if noisy is not None:
+        return noisy if s.family == "k" else noisy * math.sqrt(sigma.item() ** 2 + 1)
+    return noise * sch.init_sigma if x0 is None else x0 + noise * sigma

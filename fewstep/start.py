@@ -35,6 +35,7 @@ class Start:
     noise: torch.Tensor
     extra: torch.Tensor | None = None  # [n, 5, h, w]: the mask and the masked source's latents (9-channel UNets)
     blend: Callable | None = None
+    noisy: torch.Tensor | None = None  # latents an earlier run left, to take up (`samplers.run`)
 
 
 def first_step(steps: int, strength: float) -> int:

@@ -117,12 +117,14 @@ def load_folder(root: Path, device="cpu", dtype=torch.float32, variant=None, all
     sched = SchedulerConfig.from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"))
     if prediction_type:
         sched = replace(sched, prediction_type=prediction_type)
-    names = ["text_encoder", "text_encoder_2"] if "text_encoder_2" in index else ["text_encoder"]
+    # SDXL has two text encoders; its refiner only the second ("text_encoder": [null, null] in its index)
+    names = [n for n in ("text_encoder", "text_encoder_2") if (index.get(n) or [None])[0] is not None]
     kw = dict(device=device, dtype=dtype, variant=variant, allow_pickle=allow_pickle)
     # fp32 first, so a half-precision pipeline's fp32 VAE keeps its fp32 weights; then the dtype it should have
     vae = load_autoencoder(root / "vae", **{**kw, "dtype": torch.float32})
     unet = load_unet(root / "unet", **kw)
-    text = TextConditioning.for_unet(unet.cfg, bool(index.get("force_zeros_for_empty_prompt", False)))
+    text = TextConditioning.for_unet(unet.cfg, bool(index.get("force_zeros_for_empty_prompt", False)),
+                                     bool(index.get("requires_aesthetics_score", False)))
     return Pipeline(
         unet=unet,
         vae=vae.to(vae_dtype(vae.cfg, dtype, device, sdxl=text.time_ids)),

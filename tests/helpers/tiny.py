@@ -24,7 +24,7 @@ VAE = dict(block_out_channels=(16, 32, 32, 32), in_channels=3, out_channels=3, l
 UNET = dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
             norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
-FAMILIES = ("sd1", "sd2-eps", "sd2-v", "sdxl", "sd1-inpaint")
+FAMILIES = ("sd1", "sd2-eps", "sd2-v", "sdxl", "sd1-inpaint", "sdxl-refiner")
 UNETS = {
     # SD-style: 3 levels, 2 resnets per level, attention below the top, a mid block -> 9 skip branches
     "sd": dict(block_out_channels=(32, 64, 64), down_attention=(False, True, True), up_attention=(True, True, False),
@@ -88,12 +88,21 @@ def make_pipeline(family: str, root: Path, seed: int = 0):
     torch.manual_seed(seed)
     vae = randomize_norms(diffusers.AutoencoderKL(**VAE), seed + 1)
     sched_src = {"sd1": "sd15", "sd1-inpaint": "sd15", "sd2-eps": "sd21-base", "sd2-v": "sd21-base",
-                 "sdxl": "sdxl-base"}[family]
+                 "sdxl": "sdxl-base", "sdxl-refiner": "sdxl-base"}[family]
     sched_cfg = diffusers.EulerDiscreteScheduler.load_config(CONFIGS / sched_src / "scheduler")
     if family == "sd2-v":
         sched_cfg["prediction_type"] = "v_prediction"
     scheduler = diffusers.EulerDiscreteScheduler.from_config(sched_cfg)
-    if family == "sdxl":
+    if family == "sdxl-refiner":  # one text encoder (the second), an aesthetic score in the time ids
+        unet = diffusers.UNet2DConditionModel(
+            **UNET, attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=32,
+            transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 5 * 8)
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=_text_encoder(True, seed + 5, "gelu"), tokenizer=None,
+            tokenizer_2=_tokenizer("!"), unet=randomize_norms(unet, seed + 6), scheduler=scheduler,
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    elif family == "sdxl":
         unet = diffusers.UNet2DConditionModel(
             **UNET, attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
             transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
