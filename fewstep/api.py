@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .loading import load_autoencoder, load_pipeline
-from .pipeline import Pipeline
+from .loading import load_autoencoder
+from .pipeline import Pipeline, load_pipeline
 from .speed.accel import optimize
 
 

@@ -58,6 +58,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "the tokenizers and configs to use")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt pickle files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA file (diffusers / "
+                   "PEFT or kohya / A1111) at SCALE (default 1); repeat to stack several (docs/lora.md)")
     _edit_args(p.add_argument_group("image to image, inpainting, outpainting (docs/editing.md)"))
     speed = p.add_argument_group("speed options (docs/BENCHMARKS.md)")
     speed.add_argument("--decoder", default=None, help="tiny (TAESD from the hub), a TAESD folder, or full")
@@ -80,6 +82,15 @@ def _edit_args(p) -> None:
     p.add_argument("--masked-content", default="original", choices=FILLS, help="what the masked area starts from")
     p.add_argument("--outpaint", default=None, metavar="L,R,T,B", help="grow the canvas by these margins (pixels, "
                    "rounded up to multiples of 8) and paint them")
+
+
+def _lora_arg(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (path, scale); a suffix that is not a number is part of the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
 
 
 def _outpaint(text: str | None) -> tuple[int, int, int, int] | None:
@@ -111,6 +122,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     pipe = load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
                 decoder=a.decoder, token_downsample=a.token_downsample)
+    for path, scale in (_lora_arg(text) for text in a.lora):
+        pipe.load_lora(path, scale)
     if a.quantize:
         quantize(pipe, a.quantize, _parts(a.quantize_parts))
     request = resolve(pipe.defaults, a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance,

@@ -13,16 +13,20 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import samplers
+from .adapters import Adapters
 from .configs import SchedulerConfig, TextConditioning
 from .denoiser import Denoiser
 from .errors import FewstepError
 from .edits import paste
 from .imaging import autoencoder_input, from_uint8, memory_format, safe_decode, to_pil
+from .loading import load_components
+from .loading.lora import read_lora
 from .memory import Work, check
 from .request import Defaults, Request, infotext, resolve
 from .start import Start, first_step, start
@@ -55,6 +59,7 @@ class Pipeline:
     name: str = ""
     decoder: torch.nn.Module | None = None
     token_downsample: int = 1
+    adapters: Adapters = field(default_factory=Adapters)  # LoRAs (`load_lora`)
 
     def __post_init__(self):
         if self.conditioning is None:
@@ -70,6 +75,36 @@ class Pipeline:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules a LoRA file names, by diffusers' component names (the SDXL refiner's one text
+        encoder is SDXL's second)."""
+        names = ["text_encoder_2"] if self.conditioning.aesthetic_score else ["text_encoder", "text_encoder_2"]
+        return {"unet": self.unet, **dict(zip(names, self.text_encoders))}
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None,
+                  allow_pickle: bool = False) -> str:
+        """Load a LoRA file (diffusers / PEFT or kohya / A1111 layout, LoCon included; `fewstep.loading.lora`)
+        on top of those loaded before, at `scale` (alpha / rank * scale, as diffusers and A1111). Returns its
+        name (the file's stem by default). On any error the pipeline is left as it was."""
+        lora = read_lora(path, self.lora_modules(), self.unet.cfg, name, allow_pickle)
+        self.adapters.add(lora, scale, self.lora_modules())
+        return lora.name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        self.adapters.set_scale(name, scale)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all: the weights are the loaded model's, bit for bit."""
+        self.adapters.remove(name)
+
+    def fuse_lora(self) -> None:
+        """Add the LoRAs into the weights at their scales: no extra cost per step until `unfuse_lora`."""
+        self.adapters.fuse()
+
+    def unfuse_lora(self) -> None:
+        """Put the weights back as they were before `fuse_lora`, exactly."""
+        self.adapters.unfuse()
 
     @property
     def vae_scale(self) -> int:
@@ -197,8 +232,9 @@ class Pipeline:
         if request.output_type == "pt":
             return from_uint8(np.stack([np.asarray(im) for im in out])).to(images.device)
         name = samplers.spec(request.sampler).a1111 or request.sampler
+        loras = {lora.name: lora.hash for lora, _ in self.adapters.loras.values()}
         for i, image in zip(range(part.start, part.stop), out):
-            image.info["parameters"] = infotext(request, i, self.name, name)  # A1111's text, for saving
+            image.info["parameters"] = infotext(request, i, self.name, name, loras)  # A1111's text, for saving
         return out
 
     def work(self, request: Request) -> Work:
@@ -272,3 +308,11 @@ class Pipeline:
 
 def _pastes(edit) -> bool:
     return edit is not None and (edit.crop is not None or edit.overlay)
+
+
+def load_pipeline(path: str | Path | None = None, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, variant: str | None = None, allow_pickle: bool = False,
+                  config: str | Path | None = None, prediction_type: str | None = None) -> Pipeline:
+    """A Pipeline as the checkpoint describes it, with no speed options (`fewstep.load` adds them)."""
+    return Pipeline(**vars(load_components(path, device=device, dtype=dtype, variant=variant,
+                                           allow_pickle=allow_pickle, config=config, prediction_type=prediction_type)))

@@ -225,7 +225,7 @@ def _edit(image, mask_image, strength, width, height, mask_blur, invert_mask, pa
                    fill=masked_content)
 
 
-def infotext(request: Request, i: int, model: str, sampler_name: str) -> str:
+def infotext(request: Request, i: int, model: str, sampler_name: str, loras: dict[str, str] | None = None) -> str:
     """A1111's "parameters" text of image i: the prompt, the negative prompt when there is one, then the
     settings (`Steps: 4, Sampler: LCM, CFG scale: 0, Seed: 7, Size: 128x128, Model: shapes-turbo`)."""
     lines = [request.prompts[i]]
@@ -235,6 +235,8 @@ def infotext(request: Request, i: int, model: str, sampler_name: str) -> str:
     settings += ["Schedule type: Karras"] if request.karras else []
     settings += [f"CFG scale: {request.guidance:g}", f"Seed: {request.seeds[i]}",
                  f"Size: {request.width}x{request.height}", f"Model: {model}"]
+    if loras:  # A1111's field: "name: short hash" for each LoRA, quoted
+        settings.append('Lora hashes: "' + ", ".join(f"{n}: {h}" for n, h in loras.items()) + '"')
     return "\n".join(lines + [", ".join(settings + _edit_settings(request.edit))])
 
 

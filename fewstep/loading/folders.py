@@ -19,9 +19,9 @@ from ..models.clip import CLIPTextModel
 from ..models.tae import TinyAutoencoder, latent_channels, taesd_to_diffusers
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
-from ..pipeline import Pipeline
 from ..request import Defaults
 from ..tokenizer import CLIPTokenizer
+from .components import Components
 from .dtypes import check_device, vae_dtype
 from .hub import resolve
 from .weights import build, find_weights, read_state_dict
@@ -111,8 +111,8 @@ def defaults_for(folder: Path, sched: SchedulerConfig) -> Defaults:
 
 
 def load_folder(root: Path, device="cpu", dtype=torch.float32, variant=None, allow_pickle=False,
-                prediction_type=None) -> Pipeline:
-    """A diffusers pipeline folder (model_index.json) -> Pipeline."""
+                prediction_type=None) -> Components:
+    """A diffusers pipeline folder (model_index.json) -> its Components."""
     index = read_json(root / "model_index.json")
     sched = SchedulerConfig.from_diffusers(read_json(root / "scheduler" / "scheduler_config.json"))
     if prediction_type:
@@ -125,7 +125,7 @@ def load_folder(root: Path, device="cpu", dtype=torch.float32, variant=None, all
     unet = load_unet(root / "unet", **kw)
     text = TextConditioning.for_unet(unet.cfg, bool(index.get("force_zeros_for_empty_prompt", False)),
                                      bool(index.get("requires_aesthetics_score", False)))
-    return Pipeline(
+    return Components(
         unet=unet,
         vae=vae.to(vae_dtype(vae.cfg, dtype, device, sdxl=text.time_ids)),
         text_encoders=[load_text_encoder(root / n, **kw) for n in names],

@@ -17,8 +17,8 @@ from ..errors import FewstepError
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet
 from ..models.vae import AutoencoderKL
-from ..pipeline import Pipeline
 from ..tokenizer import CLIPTokenizer
+from .components import Components
 from .detect import read_checkpoint
 from .dtypes import vae_dtype
 from .folders import defaults_for
@@ -44,8 +44,8 @@ def _cfg(root: Path, name: str, reader, inferred):
 
 
 def load_single_file(path: Path, *, device="cpu", dtype=torch.float32, allow_pickle=False, config=None,
-                     prediction_type=None) -> Pipeline:
-    """An original single-file checkpoint -> Pipeline, its configs from `config` (a diffusers folder) or the
+                     prediction_type=None) -> Components:
+    """An original single-file checkpoint -> its Components, its configs from `config` (a diffusers folder) or the
     family's reference repository (online), else inferred from the weights."""
     ck = read_checkpoint(path, allow_pickle=allow_pickle)
     root = _config_root(config, ck.family)
@@ -60,7 +60,7 @@ def load_single_file(path: Path, *, device="cpu", dtype=torch.float32, allow_pic
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else {}
     text = TextConditioning.for_unet(unet_cfg, bool(index.get("force_zeros_for_empty_prompt", ck.family == "sdxl")))
     sds = ck.state_dicts
-    return Pipeline(
+    return Components(
         unet=build(lambda: UNet(unet_cfg), sds["unet"], f"UNet of {path.name}", device, dtype),
         vae=build(lambda: AutoencoderKL(vae_cfg), sds["vae"], f"VAE of {path.name}", device,
                   vae_dtype(vae_cfg, dtype, device, sdxl=text.time_ids)),

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import FewstepError
-from ..loading import load_pipeline
+from ..pipeline import load_pipeline
 from ..models.clip import CLIPEncoderLayer
 from ..models.layers import ResnetBlock2D, VAEAttention
 from ..models.tae import Block

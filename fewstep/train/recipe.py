@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FewstepError
-from ..loading import load_pipeline
+from ..pipeline import load_pipeline
 from .clip import train_clip
 from .common import cpu_count, on_cpu
 from .distill import train_student
