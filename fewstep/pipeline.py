@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import samplers
+from . import samplers, text
 from .adapters import Adapters
 from .configs import SchedulerConfig, TextConditioning
 from .denoiser import Denoiser
@@ -113,25 +113,22 @@ class Pipeline:
         return 2 ** (len(levels) - 1) if levels else 8
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompts -> (context [B, 77, D], pooled [B, P] or None), per `self.conditioning`."""
-        states, pooled = [], None
-        for tok, enc in zip(self.tokenizers, self.text_encoders):
-            out = enc(tok(prompts).to(self.device))
-            states.append(out.penultimate if self.conditioning.hidden_state == "penultimate" else out.last_hidden_state)
-            pooled = out.text_embeds
-        context = torch.cat(states, dim=-1).to(self.dtype)  # [B, 77, 768 | 1024 | 2048]
-        return context, (pooled.to(self.dtype) if self.conditioning.pooled else None)
+    def encode_prompt(self, groups: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Groups of prompts in A1111's prompt language -> for each, (context [B, n * 77, D], pooled [B, P] or
+        None), per `self.conditioning`; all with the chunk count of the longest prompt (`fewstep.text`)."""
+        return text.encode(self.tokenizers, self.text_encoders, self.conditioning, groups, self.device, self.dtype)
 
     def _conditioning(self, request: Request, part: slice, cfg: bool) -> dict:
         """The UNet's keyword inputs for one batch (doubled, unconditional first, under guidance)."""
-        context, pooled = self.encode_prompt(list(request.prompts[part]))
+        prompts = list(request.prompts[part])
+        zeros = cfg and request.negative is None and self.conditioning.zeros_for_empty_negative
+        negative = list(request.negative[part]) if request.negative is not None else [""] * len(prompts)
+        (context, pooled), *rest = self.encode_prompt([prompts] + ([negative] if cfg and not zeros else []))
         if cfg:
-            if request.negative is None and self.conditioning.zeros_for_empty_negative:
+            if zeros:
                 neg_ctx, neg_pooled = torch.zeros_like(context), (None if pooled is None else torch.zeros_like(pooled))
             else:
-                negative = request.negative[part] if request.negative is not None else [""] * context.shape[0]
-                neg_ctx, neg_pooled = self.encode_prompt(list(negative))
+                neg_ctx, neg_pooled = rest[0]
             context = torch.cat([neg_ctx, context])
             pooled = None if pooled is None else torch.cat([neg_pooled, pooled])
         cond = {"context": context}

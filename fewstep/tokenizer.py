@@ -120,6 +120,10 @@ class CLIPTokenizer:
                 raise FewstepError(f"tokenizer {folder}: {k} {special[k][0]!r} is not in vocab.json")
         return cls(tok, ids["bos_token"], ids["eos_token"], ids["pad_token"], _max_length(folder))
 
+    def ids(self, text: str) -> list[int]:
+        """The BPE token ids of `text`, without BOS / EOS and without truncation."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
     def count_tokens(self, prompt: str) -> int:
         """BPE tokens in `prompt`, without BOS/EOS; more than max_length - 2 gets truncated."""
         return len(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
