@@ -60,6 +60,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA file (diffusers / "
                    "PEFT or kohya / A1111) at SCALE (default 1); repeat to stack several (docs/lora.md)")
+    p.add_argument("--lora-dir", default=None, metavar="DIR", help="where <lora:name:scale> in the prompt finds "
+                   "name.safetensors")
     _edit_args(p.add_argument_group("image to image, inpainting, outpainting (docs/editing.md)"))
     speed = p.add_argument_group("speed options (docs/BENCHMARKS.md)")
     speed.add_argument("--decoder", default=None, help="tiny (TAESD from the hub), a TAESD folder, or full")
@@ -124,6 +126,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
                 decoder=a.decoder, token_downsample=a.token_downsample)
     for path, scale in (_lora_arg(text) for text in a.lora):
         pipe.load_lora(path, scale)
+    pipe.lora_dir = a.lora_dir
     if a.quantize:
         quantize(pipe, a.quantize, _parts(a.quantize_parts))
     request = resolve(pipe.defaults, a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from .errors import FewstepError
 from .edits import paste
 from .imaging import autoencoder_input, from_uint8, memory_format, safe_decode, to_pil
 from .loading import load_components
-from .loading.lora import read_lora
+from .loading.lora import lora_file, read_lora
 from .memory import Work, check
 from .request import Defaults, Request, infotext, resolve
 from .start import Start, first_step, start
@@ -60,6 +61,7 @@ class Pipeline:
     decoder: torch.nn.Module | None = None
     token_downsample: int = 1
     adapters: Adapters = field(default_factory=Adapters)  # LoRAs (`load_lora`)
+    lora_dir: Path | None = None  # where <lora:name:scale> tags in prompts find name.safetensors
 
     def __post_init__(self):
         if self.conditioning is None:
@@ -90,6 +92,25 @@ class Pipeline:
         lora = read_lora(path, self.lora_modules(), self.unet.cfg, name, allow_pickle)
         self.adapters.add(lora, scale, self.lora_modules())
         return lora.name
+
+    @contextmanager
+    def _prompt_loras(self, tags: tuple[tuple[str, float], ...]):
+        """The prompts' <lora:name:scale> LoRAs for one call: loaded from `lora_dir` (or, already loaded,
+        set to that scale), and afterwards unloaded (or set back), as A1111 does."""
+        before, added = self.adapters.scales(), []
+        try:
+            for name, scale in tags:
+                if name in before:
+                    self.adapters.set_scale(name, scale)
+                else:
+                    added.append(self.load_lora(lora_file(self.lora_dir, name), scale, name))
+            yield
+        finally:
+            for name in added:
+                self.adapters.remove(name)
+            for name, scale in before.items():
+                if name in self.adapters.loras:
+                    self.adapters.set_scale(name, scale)
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         self.adapters.set_scale(name, scale)
@@ -264,7 +285,8 @@ class Pipeline:
             warnings.warn(f"strength {request.edit.strength:g} of {request.steps} steps runs no step: the image is "
                           "returned as it is", stacklevel=3)
             return self._unchanged(request)
-        outs = [self._batch(request, part, callback, progress, cache) for part in request.batches()]
+        with self._prompt_loras(request.loras):
+            outs = [self._batch(request, part, callback, progress, cache) for part in request.batches()]
         return [im for out in outs for im in out] if request.output_type == "pil" else torch.cat(outs)
 
     @torch.no_grad()

@@ -5,7 +5,9 @@ The grammar (AUTOMATIC1111's "attention / emphasis", as its wiki specifies it):
   1.21; `(text:1.5)` sets 1.5 times (times the enclosing brackets'); `\\(`, `\\)`, `\\[`, `\\]`, `\\\\` are
   literal characters;
 - a bracket left open applies to the end of the prompt; a closing one with nothing open is literal text;
-- `BREAK` (upper case, a word of its own) ends a chunk: what follows starts a new one.
+- `BREAK` (upper case, a word of its own) ends a chunk: what follows starts a new one;
+- `<lora:name:0.8>` (A1111's extra networks) asks for a LoRA at that scale; the tag is not text
+  (`networks` reads them, the pipeline loads them from its `lora_dir`).
 
 A prompt becomes chunks of (window - 2) tokens, each framed by BOS ... EOS and padded, encoded on its
 own and concatenated along the token axis (A1111's way past CLIP's 77 tokens); a chunk boundary that
@@ -24,10 +26,25 @@ COMMA_BACKTRACK = 20  # A1111's default: a chunk ends after the last comma withi
 # One token of the attention grammar: an escape, a bracket, a ":weight)" close, plain text, or a stray colon.
 TOKEN = re.compile(r"\\[\\()\[\]]|\\|[(\[]|:\s*([+-]?[.\d]+)\s*\)|[)\]]|[^\\()\[\]:]+|:")
 BREAK = re.compile(r"\s*\bBREAK\b\s*")
+NETWORK = re.compile(r"<(\w+):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # <lora:name[:unet weight[:te weight]]>
+
+
+def networks(text: str) -> tuple[tuple[str, str, float], ...]:
+    """The extra-network tags of a prompt: (kind, name, scale), in order; a scale that is not a number
+    keeps the tag as text (A1111 reads "1" then)."""
+    out = []
+    for kind, name, scale in NETWORK.findall(text):
+        try:
+            out.append((kind, name.strip(), float(scale) if scale else 1.0))
+        except ValueError:
+            out.append((kind, name.strip(), 1.0))
+    return tuple(out)
 
 
 def parse_attention(text: str) -> list[tuple[str, float]]:
-    """`text` as (fragment, weight) pairs; runs of one weight merged; BREAK as ("BREAK", -1)."""
+    """`text` as (fragment, weight) pairs; runs of one weight merged; BREAK as ("BREAK", -1); extra-network
+    tags removed."""
+    text = NETWORK.sub("", text)
     out: list[list] = []
     opened: list[tuple[str, int]] = []  # (bracket, index in out where it began)
 

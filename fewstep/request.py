@@ -16,6 +16,7 @@ import torch
 
 from .edits import FILLS, Edit, outpaint_canvas, prepare
 from .errors import FewstepError
+from .prompts import networks
 from .samplers import spec
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -59,6 +60,7 @@ class Request:
     handoff: torch.Tensor | None = field(default=None, compare=False)  # [n, C, h, w] latents a base left
     aesthetic_score: float = 6.0  # SDXL refiner micro-conditioning (diffusers' defaults)
     negative_aesthetic_score: float = 2.5
+    loras: tuple[tuple[str, float], ...] = ()  # <lora:name:scale> tags of the prompts, loaded for this call
 
     def batches(self) -> list[slice]:
         """The images of each model call, in order."""
@@ -164,6 +166,7 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
     check_size(width, height, defaults.size)
     _check_kinds(num_images, batch_size, output_type, karras, latents)
     guidance = _number(defaults.guidance if guidance is None else guidance, "guidance", note=" (<= 1: no guidance)")
+    loras = _prompt_loras(prompt)
     sampler = sampler or defaults.sampler
     spec(sampler)
     prompts, negative = _per_image(prompt, negative_prompt, num_images)
@@ -173,7 +176,20 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
                    _pair(original_size, "original_size", (height, width)), _pair(crop_top_left, "crop_top_left", (0, 0)),
                    _pair(target_size, "target_size", (height, width)), output_type, latents, edit,
                    _fraction(denoising_end, "denoising_end"), denoising_start, handoff,
-                   _number(aesthetic_score, "aesthetic_score"), _number(negative_aesthetic_score, "negative_aesthetic_score"))
+                   _number(aesthetic_score, "aesthetic_score"), _number(negative_aesthetic_score, "negative_aesthetic_score"),
+                   loras)
+
+
+def _prompt_loras(prompt) -> tuple[tuple[str, float], ...]:
+    """The <lora:name:scale> tags of a call's prompts: the same in every prompt (LoRAs apply to the call)."""
+    tags = {networks(p) for p in _texts(prompt, "prompt")}
+    if len(tags) > 1:
+        raise FewstepError("the prompts of one call ask for different LoRAs (<lora:...> tags): make separate calls")
+    found = next(iter(tags))
+    other = [f"<{k}:{n}>" for k, n, _ in found if k != "lora"]
+    if other:
+        raise FewstepError(f"{', '.join(other)}: fewstep loads LoRAs (<lora:name:scale>), not this kind of network")
+    return tuple((n, s) for _, n, s in found)
 
 
 def _fraction(value, name: str) -> float | None:

@@ -163,3 +163,26 @@ def test_the_command_line_stacks_loras(tmp_path, capsys):
                  str(tmp_path / "y.png")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such LoRA file" in err and not (tmp_path / "y.png").exists()
+
+
+def test_lora_tags_in_the_prompt_load_for_the_call(tmp_path):
+    pipe = fewstep.load()  # the built-in model
+    write("peft", tmp_path / "style.safetensors", pipe, 3)
+    kw = dict(seed=2, progress=False, output_type="pt")
+    plain = pipe("a red circle", **kw)
+    pipe.lora_dir = tmp_path
+    tagged = pipe("a red circle <lora:style:0.7>", **kw)
+    assert not pipe.adapters.loras  # loaded for the call only
+    pipe.load_lora(tmp_path / "style.safetensors", scale=0.7)
+    assert torch.equal(tagged, pipe("a red circle", **kw)) and not torch.equal(tagged, plain)
+    assert torch.equal(pipe("a red circle <lora:style:0>", **kw), plain)  # a loaded one takes the tag's scale
+    assert pipe.adapters.scales() == {"style": 0.7}  # and gets its own back
+    pipe.unload_lora()
+    for prompt, match in (("x <lora:nope:1>", "no nope.safetensors in"), ("x <hypernet:h:1>", "not this kind"),
+                          (["a <lora:style:1>", "b"], "different LoRAs")):
+        with pytest.raises(FewstepError, match=match):
+            pipe(prompt, **kw)
+    pipe.lora_dir = None
+    with pytest.raises(FewstepError, match="needs a folder of LoRAs"):
+        pipe("x <lora:style:1>", **kw)
+    assert not pipe.adapters.loras and torch.equal(pipe("a red circle", **kw), plain)

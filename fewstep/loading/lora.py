@@ -90,6 +90,17 @@ def _alpha(meta: dict, module: str, rank: int) -> float:
     return float(meta.get("lora_alpha", rank))
 
 
+def lora_file(folder: Path | None, name: str) -> Path:
+    """The LoRA a prompt's <lora:name> tag means: NAME.safetensors (or the one file of that stem) in `folder`."""
+    if folder is None:
+        raise FewstepError(f"<lora:{name}> needs a folder of LoRAs: pass --lora-dir DIR (Python: pipe.lora_dir = DIR)")
+    folder = Path(folder).expanduser()
+    found = sorted(p for p in folder.glob("*.safetensors") if p.stem == name) if folder.is_dir() else []
+    if not found:
+        raise FewstepError(f"<lora:{name}>: no {name}.safetensors in {folder}")
+    return found[0]
+
+
 def short_hash(path: Path) -> str:
     """A1111's "Lora hashes" value of a file: its sha256, first 12 hex digits."""
     digest = hashlib.sha256()
