@@ -19,6 +19,8 @@ from .bench.harness import SCHEMES, Options, Settings, parse_cache, run_bench
 from .bench.report import table
 from .errors import FewstepError
 from .inspect.compare import compare, render_compare
+from .inspect.lora import is_lora
+from .inspect.lora import report as lora_report
 from .inspect.measure import inspect_model
 from .inspect.report import render
 from .inspect.svg import write_diagram
@@ -155,7 +157,7 @@ def warn_outside_grammar(prompt: str) -> None:
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a built-in architecture (sd15, sd21-base, sd-turbo, sdxl-base, sdxl-turbo, "
                    "sdxs-512, taesd; no weights needed), a shipped model, a diffusers folder, a .safetensors "
-                   "checkpoint or a hub id (only configs and headers are read)")
+                   "checkpoint, a LoRA file or a hub id (only configs and headers are read)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="for activation sizes")
@@ -170,6 +172,9 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 def cmd_inspect(a: argparse.Namespace) -> None:
     if a.depth is not None and a.depth < 1:
         raise FewstepError(f"--depth must be at least 1, got {a.depth}")
+    if is_lora(Path(a.model)):
+        text = lora_report(a.model, a.format)
+        return Path(a.output).write_text(text, encoding="utf-8") if a.output else sys.stdout.write(text)
     report = inspect_model(a.model, a.resolution, a.batch, a.dtype, a.steps)
     if a.compare:
         other = inspect_model(a.compare, report.resolution, a.batch, a.dtype, a.steps)

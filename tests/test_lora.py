@@ -186,3 +186,22 @@ def test_lora_tags_in_the_prompt_load_for_the_call(tmp_path):
     with pytest.raises(FewstepError, match="needs a folder of LoRAs"):
         pipe("x <lora:style:1>", **kw)
     assert not pipe.adapters.loras and torch.equal(pipe("a red circle", **kw), plain)
+
+
+@pytest.mark.parametrize("width,te2,fits", [(768, False, "SD 1.x"), (1024, False, "SD 2.x"), (2048, True, "SDXL")])
+def test_inspect_a_lora_file(tmp_path, capsys, width, te2, fits):
+    from safetensors.torch import save_file
+
+    from fewstep.cli import main
+    k = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    sd = {f"{k}.lora_down.weight": torch.zeros(8, width), f"{k}.lora_up.weight": torch.zeros(640, 8),
+          f"{k}.alpha": torch.tensor(4.0)}
+    if te2:
+        t = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+        sd.update({f"{t}.lora_down.weight": torch.zeros(8, 1280), f"{t}.lora_up.weight": torch.zeros(1280, 8)})
+    save_file(sd, str(tmp_path / "x.safetensors"))
+    assert main(["inspect", str(tmp_path / "x.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert f"fits: {fits} (cross-attention reads {width}-wide text)" in out and "ranks: [8]" in out
+    assert f"parameters: {8 * width + 640 * 8 + (2 * 8 * 1280 if te2 else 0)}" in out
+    assert f"| unet | {k} | 8 | 4 | {width} -> 640 | {8 * width + 5120:,} |" in out
