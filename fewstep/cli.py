@@ -62,6 +62,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA file (diffusers / "
                    "PEFT or kohya / A1111) at SCALE (default 1); repeat to stack several (docs/lora.md)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH", help="a textual-inversion embedding; "
+                   "its file name is its word in the prompt (docs/prompts.md)")
     p.add_argument("--lora-dir", default=None, metavar="DIR", help="where <lora:name:scale> in the prompt finds "
                    "name.safetensors")
     _edit_args(p.add_argument_group("image to image, inpainting, outpainting (docs/editing.md)"))
@@ -129,6 +131,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     for path, scale in (_lora_arg(text) for text in a.lora):
         pipe.load_lora(path, scale)
     pipe.lora_dir = a.lora_dir
+    for path in a.embedding:
+        pipe.load_embedding(path, allow_pickle=a.allow_pickle)
     if a.quantize:
         quantize(pipe, a.quantize, _parts(a.quantize_parts))
     request = resolve(pipe.defaults, a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance,

@@ -27,6 +27,7 @@ from .errors import FewstepError
 from .edits import paste
 from .imaging import autoencoder_input, from_uint8, memory_format, safe_decode, to_pil
 from .loading import load_components
+from .loading.embeddings import attach, read_embedding
 from .loading.lora import lora_file, read_lora
 from .memory import Work, check
 from .request import Defaults, Request, infotext, resolve
@@ -111,6 +112,15 @@ class Pipeline:
             for name, scale in before.items():
                 if name in self.adapters.loras:
                     self.adapters.set_scale(name, scale)
+
+    def load_embedding(self, path: str | Path, token: str | None = None, allow_pickle: bool = False) -> str:
+        """Load a textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds, SDXL's
+        clip_l + clip_g; `fewstep.loading.embeddings`) under `token` (default: the file's name, or the token
+        it names); in prompts the token stands for all its vectors. Returns the token. On an error the
+        pipeline is left as it was."""
+        emb = read_embedding(path, token, allow_pickle)
+        attach(emb, self.tokenizers, self.text_encoders)
+        return emb.token
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         self.adapters.set_scale(name, scale)

@@ -77,6 +77,7 @@ def set_clip_processing(tok):
     tok.decoder = decoders.ByteLevel()
     return tok
 
+
 def _from_vocab_merges(folder: Path, special: dict):
     """CLIP's BPE rebuilt from vocab.json + merges.txt, as transformers' converter builds it."""
 
@@ -103,6 +104,7 @@ class CLIPTokenizer:
         self.tokenizer = tokenizer  # a tokenizers.Tokenizer without post-processor
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.max_length = max_length
+        self.expansions: dict[int, list[int]] = {}  # a multi-vector embedding's first id -> all its ids
 
     @classmethod
     def from_folder(cls, path) -> CLIPTokenizer:
@@ -121,8 +123,30 @@ class CLIPTokenizer:
         return cls(tok, ids["bos_token"], ids["eos_token"], ids["pad_token"], _max_length(folder))
 
     def ids(self, text: str) -> list[int]:
-        """The BPE token ids of `text`, without BOS / EOS and without truncation."""
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """The BPE token ids of `text`, without BOS / EOS and without truncation; a multi-vector embedding's
+        token stands for all its vectors' tokens (`add_embedding_tokens`)."""
+        out = []
+        for i in self.tokenizer.encode(text, add_special_tokens=False).ids:
+            out += self.expansions.get(i, [i])
+        return out
+
+    def known(self, token: str) -> bool:
+        return self.tokenizer.token_to_id(token) is not None
+
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def add_embedding_tokens(self, tokens: list[str]) -> list[int]:
+        """Add a textual-inversion embedding's tokens (its name, then name_1 ... for further vectors) at the
+        end of the vocabulary; in prompts the name stands for all of them. Returns their ids."""
+        known = [t for t in tokens if self.tokenizer.token_to_id(t) is not None]
+        if known:
+            raise FewstepError(f"the token {known[0]!r} is in the vocabulary already: give the embedding another "
+                               "token (token=...)")
+        self.tokenizer.add_tokens([AddedToken(t, normalized=False, single_word=False) for t in tokens])
+        ids = [self.tokenizer.token_to_id(t) for t in tokens]
+        self.expansions[ids[0]] = ids
+        return ids
 
     def count_tokens(self, prompt: str) -> int:
         """BPE tokens in `prompt`, without BOS/EOS; more than max_length - 2 gets truncated."""
