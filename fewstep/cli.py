@@ -66,6 +66,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "its file name is its word in the prompt (docs/prompts.md)")
     p.add_argument("--lora-dir", default=None, metavar="DIR", help="where <lora:name:scale> in the prompt finds "
                    "name.safetensors")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N", help="leave the text encoder's last N layers "
+                   "out (diffusers' clip_skip; A1111's 'Clip skip: 2' is --clip-skip 1)")
     _edit_args(p.add_argument_group("image to image, inpainting, outpainting (docs/editing.md)"))
     speed = p.add_argument_group("speed options (docs/BENCHMARKS.md)")
     speed.add_argument("--decoder", default=None, help="tiny (TAESD from the hub), a TAESD folder, or full")
@@ -140,7 +142,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
                       num_images=a.num_images, batch_size=a.batch_size, image=image, mask_image=mask,
                       strength=a.strength, mask_blur=a.mask_blur, invert_mask=a.invert_mask,
                       padding_mask_crop=a.inpaint_only_masked, overlay=a.overlay, masked_content=a.masked_content,
-                      outpaint=outpaint)
+                      outpaint=outpaint, clip_skip=a.clip_skip)
     if pipe.defaults.prompt_grammar == "shapes":
         warn_outside_grammar(a.prompt)
     images = pipe.generate(request, progress=not a.quiet)

@@ -144,17 +144,20 @@ class Pipeline:
         return 2 ** (len(levels) - 1) if levels else 8
 
     @torch.no_grad()
-    def encode_prompt(self, groups: list[list[str]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def encode_prompt(self, groups: list[list[str]], clip_skip: int = 0
+                      ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Groups of prompts in A1111's prompt language -> for each, (context [B, n * 77, D], pooled [B, P] or
         None), per `self.conditioning`; all with the chunk count of the longest prompt (`fewstep.text`)."""
-        return text.encode(self.tokenizers, self.text_encoders, self.conditioning, groups, self.device, self.dtype)
+        return text.encode(self.tokenizers, self.text_encoders, self.conditioning, groups, self.device, self.dtype,
+                           clip_skip)
 
     def _conditioning(self, request: Request, part: slice, cfg: bool) -> dict:
         """The UNet's keyword inputs for one batch (doubled, unconditional first, under guidance)."""
         prompts = list(request.prompts[part])
         zeros = cfg and request.negative is None and self.conditioning.zeros_for_empty_negative
         negative = list(request.negative[part]) if request.negative is not None else [""] * len(prompts)
-        (context, pooled), *rest = self.encode_prompt([prompts] + ([negative] if cfg and not zeros else []))
+        groups = [prompts] + ([negative] if cfg and not zeros else [])
+        (context, pooled), *rest = self.encode_prompt(groups, request.clip_skip)
         if cfg:
             if zeros:
                 neg_ctx, neg_pooled = torch.zeros_like(context), (None if pooled is None else torch.zeros_like(pooled))
@@ -311,15 +314,16 @@ class Pipeline:
                  overlay: bool = False, masked_content: str = "original",
                  outpaint: tuple[int, int, int, int] | None = None, denoising_start: float | None = None,
                  denoising_end: float | None = None, aesthetic_score: float = 6.0,
-                 negative_aesthetic_score: float = 2.5, callback: Callable | None = None, progress: bool = True,
-                 cache=None):
+                 negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
+                 callback: Callable | None = None, progress: bool = True, cache=None):
         """Generate `num_images` images per prompt: PIL images (with A1111's `parameters` text in `.info`), or a
         [N, 3, H, W] tensor in [-1, 1] (output_type="pt"), or latents ("latent"). None: the model's default.
 
         Image i uses seed + i (-1 / None: random). `batch_size`: images per model call (throughput mode).
         `latents`: the initial noise. SDXL: `original_size`, `crop_top_left`, `target_size` (height,
         width); a refiner's `aesthetic_score`s; a base's `denoising_end` and a refiner's `denoising_start`
-        (with the base's latents as `image`). Editing (docs/editing.md): `image` at `strength`, with a
+        (with the base's latents as `image`). `clip_skip`: text-encoder layers left out (diffusers'
+        meaning; A1111's "Clip skip: 2" is clip_skip=1). Editing (docs/editing.md): `image` at `strength`, with a
         `mask_image` to inpaint, A1111's `mask_blur`, `invert_mask`, `padding_mask_crop`, `overlay`,
         `masked_content`, and `outpaint=(left, right, top, bottom)`. `callback(i, x, denoised, sigma)`
         sees every step; `cache.wrap(unet)` stands in for the UNet for one generation (DeepCache)."""
@@ -331,7 +335,7 @@ class Pipeline:
                           invert_mask=invert_mask, padding_mask_crop=padding_mask_crop, overlay=overlay,
                           masked_content=masked_content, outpaint=outpaint, denoising_start=denoising_start,
                           denoising_end=denoising_end, aesthetic_score=aesthetic_score,
-                          negative_aesthetic_score=negative_aesthetic_score)
+                          negative_aesthetic_score=negative_aesthetic_score, clip_skip=clip_skip)
         return self.generate(request, callback=callback, progress=progress, cache=cache)
 
 

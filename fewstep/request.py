@@ -61,6 +61,7 @@ class Request:
     aesthetic_score: float = 6.0  # SDXL refiner micro-conditioning (diffusers' defaults)
     negative_aesthetic_score: float = 2.5
     loras: tuple[tuple[str, float], ...] = ()  # <lora:name:scale> tags of the prompts, loaded for this call
+    clip_skip: int = 0  # text-encoder layers left out of the context (diffusers' meaning)
 
     def batches(self) -> list[slice]:
         """The images of each model call, in order."""
@@ -149,7 +150,7 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
             padding_mask_crop: int | None = None, overlay: bool = False, masked_content: str = "original",
             outpaint: tuple[int, int, int, int] | None = None, denoising_start: float | None = None,
             denoising_end: float | None = None, aesthetic_score: float = 6.0,
-            negative_aesthetic_score: float = 2.5) -> Request:
+            negative_aesthetic_score: float = 2.5, clip_skip: int | None = None) -> Request:
     """The Request for these arguments of `Pipeline.__call__` (see there), with `defaults` for what is None."""
     handoff = None
     if denoising_start is not None:
@@ -177,7 +178,7 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
                    _pair(target_size, "target_size", (height, width)), output_type, latents, edit,
                    _fraction(denoising_end, "denoising_end"), denoising_start, handoff,
                    _number(aesthetic_score, "aesthetic_score"), _number(negative_aesthetic_score, "negative_aesthetic_score"),
-                   loras)
+                   loras, _whole(clip_skip or 0, "clip_skip", 0))
 
 
 def _prompt_loras(prompt) -> tuple[tuple[str, float], ...]:
@@ -251,6 +252,7 @@ def infotext(request: Request, i: int, model: str, sampler_name: str, loras: dic
     settings += ["Schedule type: Karras"] if request.karras else []
     settings += [f"CFG scale: {request.guidance:g}", f"Seed: {request.seeds[i]}",
                  f"Size: {request.width}x{request.height}", f"Model: {model}"]
+    settings += [f"Clip skip: {request.clip_skip + 1}"] if request.clip_skip else []
     if loras:  # A1111's field: "name: short hash" for each LoRA, quoted
         settings.append('Lora hashes: "' + ", ".join(f"{n}: {h}" for n, h in loras.items()) + '"')
     return "\n".join(lines + [", ".join(settings + _edit_settings(request.edit))])

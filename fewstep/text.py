@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .configs import TextConditioning
+from .errors import FewstepError
 from .prompts import Chunk, chunks
 
 
@@ -28,22 +29,33 @@ def count(all_chunks: list[list[list[Chunk]]]) -> int:
 
 
 def encode(tokenizers: list, encoders: list, conditioning: TextConditioning, groups: list[list[str]],
-           device: torch.device, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+           device: torch.device, dtype: torch.dtype, clip_skip: int = 0) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """For each group of prompts (e.g. the prompts and their negatives): (context [B, n * window, D],
-    pooled [B, P] or None), every group with the same number n of chunks, the longest prompt's."""
+    pooled [B, P] or None), every group with the same number n of chunks, the longest prompt's.
+    `clip_skip` layers of each encoder are left out of the context (diffusers' `clip_skip`)."""
+    check_clip_skip(encoders, conditioning, clip_skip)
     per_group = [prompt_chunks(tokenizers, g) for g in groups]
     n = max(count(c) for c in per_group)
-    return [_encode(tokenizers, encoders, conditioning, c, n, device, dtype) for c in per_group]
+    return [_encode(tokenizers, encoders, conditioning, c, n, device, dtype, clip_skip) for c in per_group]
 
 
-def _encode(tokenizers, encoders, conditioning, all_chunks, n: int, device, dtype):
+def check_clip_skip(encoders: list, conditioning: TextConditioning, clip_skip: int) -> None:
+    """clip_skip must leave at least one layer of every encoder before the context is read."""
+    read = 2 if conditioning.hidden_state == "penultimate" else 1
+    layers = min(len(e.text_model.encoder.layers) for e in encoders)
+    if not 0 <= clip_skip <= layers - read:
+        raise FewstepError(f"clip_skip={clip_skip}: this model's text encoder has {layers} layers, so clip_skip "
+                           f"goes from 0 to {layers - read} (A1111's 'Clip skip' is clip_skip + 1)")
+
+
+def _encode(tokenizers, encoders, conditioning, all_chunks, n: int, device, dtype, clip_skip: int):
     states, pooled = [], None
     for tok, enc, per_prompt in zip(tokenizers, encoders, all_chunks):
         empty = chunks("", tok.ids, tok.bos_id, tok.eos_id, tok.pad_id, tok.max_length)[0]
         parts = []
         for k in range(n):
             row = [c[k] if k < len(c) else empty for c in per_prompt]
-            out = enc(torch.tensor([c.ids for c in row], device=device))
+            out = enc(torch.tensor([c.ids for c in row], device=device), skip=clip_skip)
             hidden = out.penultimate if conditioning.hidden_state == "penultimate" else out.last_hidden_state
             parts.append(emphasis(hidden, torch.tensor([c.weights for c in row], device=device)))
             pooled = out.text_embeds if k == 0 else pooled

@@ -92,3 +92,86 @@ def test_the_pipeline_conditions_on_every_chunk():
     assert not torch.equal(weighted[0], plain)
     images = pipe([long, short], negative_prompt=None, guidance=3.0, steps=2, progress=False)
     assert len(images) == 2
+
+
+@pytest.fixture(scope="module")
+def tiny_pipelines(tmp_path_factory):
+    from helpers.env import SHARED
+    if not SHARED.exists():
+        pytest.skip("needs ../shared/data")
+    from helpers.tiny import make_pipeline
+    root = tmp_path_factory.mktemp("clip-skip")
+    return {f: make_pipeline(f, root) for f in ("sd1", "sd2-eps", "sdxl")}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("family,skip", [("sd1", 1), ("sd1", 3), ("sd2-eps", 2), ("sdxl", 1), ("sdxl", 2)])
+def test_clip_skip_gives_diffusers_images(tiny_pipelines, family, skip):
+    """diffusers applies clip_skip to the prompt only (A1111 and ComfyUI to the negative too, as fewstep
+    does): compared without a negative, i.e. no guidance for SD 1.x / 2.x, SDXL's zeros for the negative."""
+    import numpy as np
+    folder, ref = tiny_pipelines[family]
+    if not hasattr(ref.text_encoder, "text_model"):  # transformers 5 flattened CLIPTextModel; diffusers'
+        object.__setattr__(ref.text_encoder, "text_model", ref.text_encoder)  # SD clip_skip path still reads it
+    guidance = 4.0 if family == "sdxl" else 1.0
+    pipe = fewstep.load(folder)
+    prompt = "a photo of a cat, best quality"
+    (plain, _), = pipe.encode_prompt([[prompt]])
+    (skipped, _), (empty, _) = pipe.encode_prompt([[prompt], [""]], clip_skip=skip)
+    assert (plain - skipped).abs().max() > 0.1  # another layer's hidden states
+    assert torch.equal(empty, pipe.encode_prompt([[""]], clip_skip=skip)[0][0])  # the negative's too
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    theirs = ref(prompt, num_inference_steps=2, guidance_scale=guidance, latents=latents.clone(), height=64,
+                 width=64, output_type="np", clip_skip=skip).images[0]
+    theirs = np.round(theirs * 255).astype(np.int16)
+    image = pipe(prompt, steps=2, guidance=guidance, latents=latents, width=64, height=64, clip_skip=skip,
+                 progress=False)[0]
+    ours = np.asarray(image, dtype=np.int16)
+    assert np.abs(ours - theirs).mean() <= 1.0 and np.abs(ours - theirs).max() <= 4
+    assert f"Clip skip: {skip + 1}" in image.info["parameters"]  # A1111 counts the last layer as 1
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_long_prompts_chunk_as_compel_does(tiny_pipelines, family):
+    """compel (diffusers' long-prompt library, truncate_long_prompts=False) cuts at 75 tokens too: without a
+    comma near a cut (A1111's backtrack, which compel lacks) its conditioning is fewstep's, float for float."""
+    from compel import Compel, ReturnedEmbeddingsType
+    folder, ref = tiny_pipelines[family]
+    pipe = fewstep.load(folder)
+    long = " ".join(["a red circle on the left and a blue square"] * 12)  # 122 tokens: two chunks
+    if family == "sdxl":
+        compel = Compel(tokenizer=[ref.tokenizer, ref.tokenizer_2], text_encoder=[ref.text_encoder, ref.text_encoder_2],
+                        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                        requires_pooled=[False, True], truncate_long_prompts=False)
+        theirs, theirs_pooled = compel(long)
+    else:
+        theirs, theirs_pooled = Compel(tokenizer=ref.tokenizer, text_encoder=ref.text_encoder,
+                                       truncate_long_prompts=False)(long), None
+    (ours, pooled), = pipe.encode_prompt([[long]])
+    assert ours.shape == theirs.shape == (1, 154, theirs.shape[-1])
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    if theirs_pooled is not None:
+        torch.testing.assert_close(pooled, theirs_pooled, rtol=0, atol=1e-5)
+
+
+def test_clip_skip_out_of_range_is_one_line():
+    from fewstep.errors import FewstepError
+    pipe = fewstep.load()
+    layers = len(pipe.text_encoders[0].text_model.encoder.layers)
+    pipe.encode_prompt([["a red circle"]], clip_skip=layers - 1)  # the first layer's output: still allowed
+    with pytest.raises(FewstepError, match=f"clip_skip={layers}: .* from 0 to {layers - 1}"):
+        pipe.encode_prompt([["a red circle"]], clip_skip=layers)
+    with pytest.raises(FewstepError, match="clip_skip=-1 must be a whole number >= 0"):
+        pipe("a red circle", clip_skip=-1, progress=False)
+    assert "Clip skip" not in pipe("a red circle", steps=1, progress=False)[0].info["parameters"]
+
+
+def test_clip_skip_from_the_command_line(tmp_path, capsys):
+    from fewstep.cli import main
+    from fewstep.outputs import read_parameters
+    assert main(["generate", "a red circle", "--clip-skip", "1", "--output", str(tmp_path / "a.png"), "--quiet"]) == 0
+    assert "Clip skip: 2" in read_parameters(tmp_path / "a.png")
+    assert main(["generate", "a red circle", "--clip-skip", "99", "--output", str(tmp_path / "b.png"), "--quiet"]) == 2
+    assert "clip_skip=99: this model's text encoder has" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists()

@@ -134,13 +134,17 @@ class CLIPTextModel(nn.Module):
             x = layer(x)
         return x
 
-    def forward(self, input_ids: torch.Tensor) -> CLIPTextOutput:
-        tm = self.text_model
-        penultimate = self.run_layers(tm.embeddings(input_ids), 0, -1)  # [B, L, D]
-        x = tm.final_layer_norm(self.run_layers(penultimate, -1))
+    def forward(self, input_ids: torch.Tensor, skip: int = 0) -> CLIPTextOutput:
+        """`skip` > 0 (diffusers' `clip_skip`) moves the context `skip` layers up: last_hidden_state is
+        the final LayerNorm of hidden_states[-(1 + skip)] and penultimate is hidden_states[-(2 + skip)];
+        the pooled outputs always come from the whole model, as in diffusers."""
+        tm, n = self.text_model, len(self.text_model.encoder.layers)
+        penultimate = self.run_layers(tm.embeddings(input_ids), 0, n - 1 - skip)  # [B, L, D]
+        chosen = self.run_layers(penultimate, n - 1 - skip, n - skip)
+        x = tm.final_layer_norm(self.run_layers(chosen, n - skip))
         pooled = x[torch.arange(x.shape[0], device=x.device), self.eos_positions(input_ids)]  # [B, D]
         text_embeds = self.text_projection(pooled) if self.text_projection is not None else None
-        return CLIPTextOutput(x, penultimate, pooled, text_embeds)
+        return CLIPTextOutput(x if skip == 0 else tm.final_layer_norm(chosen), penultimate, pooled, text_embeds)
 
     def eos_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Where pooling reads, with transformers' exact rule: configs written before transformers
