@@ -109,8 +109,9 @@ class Pipeline:
         finally:
             for name in added:
                 self.adapters.remove(name)
+            now = self.adapters.scales()
             for name, scale in before.items():
-                if name in self.adapters.loras:
+                if name in now and now[name] != scale:
                     self.adapters.set_scale(name, scale)
 
     def load_embedding(self, path: str | Path, token: str | None = None, allow_pickle: bool = False) -> str:

@@ -5,6 +5,7 @@ import re
 import shutil
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -97,13 +98,15 @@ def test_bad_generation_arguments(sd1, kw, match):
     _raises(match, pipe, "a cat", **{"width": 64, "height": 64, "progress": False, **kw})
 
 
-def test_overlong_prompt_warns_not_errors(sd1):
+def test_overlong_prompt_is_chunked_not_truncated(sd1):
+    """Past 75 tokens a prompt goes on in a second chunk, as in A1111: no error, and the tail counts."""
     pipe = fewstep.load(sd1)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        images = pipe("cat " * 100, steps=1, guidance=0.0, width=64, height=64, progress=False)
-    assert len(images) == 1
-    assert any("25 dropped" in str(x.message) for x in w), [str(x.message) for x in w]
+        long = pipe("cat " * 99 + "dog", steps=1, guidance=0.0, width=64, height=64, progress=False, seed=1)
+        cut = pipe("cat " * 99, steps=1, guidance=0.0, width=64, height=64, progress=False, seed=1)
+    assert not [x for x in w if "truncated" in str(x.message)]
+    assert np.abs(np.asarray(long[0], float) - np.asarray(cut[0], float)).max() > 0
 
 
 def test_fp16_vae_overflow_is_retried_in_fp32(sd1):
