@@ -28,6 +28,7 @@ from .edits import FILLS, load_image, load_mask
 from .outputs import plan, save_image
 from .request import resolve, seeds_for
 from .samplers import SAMPLERS
+from .schedules import SIGMA_SCHEDULES
 from .shapes import edits as edit_study
 from .shapes.caption import parse_prompt
 from .shapes.evaluate import failures
@@ -45,6 +46,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; <= 1 disables it")
     p.add_argument("--sampler", default=None, help=", ".join(SAMPLERS) + " (default: the model's; docs/samplers.md)")
     p.add_argument("--karras", action="store_true", default=None, help="Karras sigma spacing")
+    p.add_argument("--sigma-schedule", choices=SIGMA_SCHEDULES, default=None,
+                   help="noise-level spacing in place of the model's (A1111's 'Schedule type')")
     p.add_argument("--seed", type=int, default=0, help="image i of a batch uses seed + i; -1: a random seed "
                    "(written into each image's parameters)")
     p.add_argument("--width", type=int, default=None)
@@ -142,7 +145,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
                       num_images=a.num_images, batch_size=a.batch_size, image=image, mask_image=mask,
                       strength=a.strength, mask_blur=a.mask_blur, invert_mask=a.invert_mask,
                       padding_mask_crop=a.inpaint_only_masked, overlay=a.overlay, masked_content=a.masked_content,
-                      outpaint=outpaint, clip_skip=a.clip_skip)
+                      outpaint=outpaint, clip_skip=a.clip_skip, sigma_schedule=a.sigma_schedule)
     if pipe.defaults.prompt_grammar == "shapes":
         warn_outside_grammar(a.prompt)
     images = pipe.generate(request, progress=not a.quiet)

@@ -248,10 +248,12 @@ class Pipeline:
         generators = [torch.Generator().manual_seed(s) for s in request.seeds[part]]
         first = self._start(request, part, generators)
         denoise = Denoiser(self._model_fn(cond, request.guidance, cfg, cache, first.extra), self.scheduler)
+        ays = "sd15" if self.unet.cfg.addition_time_embed_dim is None else "sdxl"  # Align Your Steps' list
         begin, end = samplers.cut(request.sampler, self.scheduler, request.steps, request.karras,
-                                  request.denoising_start, request.denoising_end)
+                                  request.denoising_start, request.denoising_end, request.sigma_schedule, ays)
         z = samplers.run(request.sampler, denoise, first.noise, self.scheduler, request.steps, karras=request.karras,
-                         eta=request.eta, generator=generators, callback=callback, progress=progress,
+                         sigma_schedule=request.sigma_schedule, ays_model=ays, eta=request.eta, generator=generators,
+                         callback=callback, progress=progress,
                          start=max(first.step, begin), end=end, x0=first.x0, noisy=first.noisy, blend=first.blend)
         return z if request.output_type == "latent" else self._output(request, part, self.decode(z))
 
@@ -316,7 +318,8 @@ class Pipeline:
                  outpaint: tuple[int, int, int, int] | None = None, denoising_start: float | None = None,
                  denoising_end: float | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
-                 callback: Callable | None = None, progress: bool = True, cache=None):
+                 sigma_schedule: str | None = None, callback: Callable | None = None, progress: bool = True,
+                 cache=None):
         """Generate `num_images` images per prompt: PIL images (with A1111's `parameters` text in `.info`), or a
         [N, 3, H, W] tensor in [-1, 1] (output_type="pt"), or latents ("latent"). None: the model's default.
 
@@ -324,7 +327,8 @@ class Pipeline:
         `latents`: the initial noise. SDXL: `original_size`, `crop_top_left`, `target_size` (height,
         width); a refiner's `aesthetic_score`s; a base's `denoising_end` and a refiner's `denoising_start`
         (with the base's latents as `image`). `clip_skip`: text-encoder layers left out (diffusers'
-        meaning; A1111's "Clip skip: 2" is clip_skip=1). Editing (docs/editing.md): `image` at `strength`, with a
+        meaning; A1111's "Clip skip: 2" is clip_skip=1). `sigma_schedule`: "karras", "exponential",
+        "sgm_uniform" or "ays" spacing (docs/samplers.md). Editing (docs/editing.md): `image` at `strength`, with a
         `mask_image` to inpaint, A1111's `mask_blur`, `invert_mask`, `padding_mask_crop`, `overlay`,
         `masked_content`, and `outpaint=(left, right, top, bottom)`. `callback(i, x, denoised, sigma)`
         sees every step; `cache.wrap(unet)` stands in for the UNet for one generation (DeepCache)."""
@@ -336,7 +340,8 @@ class Pipeline:
                           invert_mask=invert_mask, padding_mask_crop=padding_mask_crop, overlay=overlay,
                           masked_content=masked_content, outpaint=outpaint, denoising_start=denoising_start,
                           denoising_end=denoising_end, aesthetic_score=aesthetic_score,
-                          negative_aesthetic_score=negative_aesthetic_score, clip_skip=clip_skip)
+                          negative_aesthetic_score=negative_aesthetic_score, clip_skip=clip_skip,
+                          sigma_schedule=sigma_schedule)
         return self.generate(request, callback=callback, progress=progress, cache=cache)
 
 

@@ -17,9 +17,13 @@ import torch
 from .edits import FILLS, Edit, outpaint_canvas, prepare
 from .errors import FewstepError
 from .prompts import networks
-from .samplers import spec
+from .samplers import SAMPLERS, spec
+from .schedules import SIGMA_SCHEDULES
 
 OUTPUT_TYPES = ("pil", "pt", "latent")
+# A1111's "Schedule type" names of the sigma schedules
+SCHEDULE_TYPES = {"karras": "Karras", "exponential": "Exponential", "sgm_uniform": "SGM Uniform",
+                  "ays": "Align Your Steps"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Request:
     negative_aesthetic_score: float = 2.5
     loras: tuple[tuple[str, float], ...] = ()  # <lora:name:scale> tags of the prompts, loaded for this call
     clip_skip: int = 0  # text-encoder layers left out of the context (diffusers' meaning)
+    sigma_schedule: str | None = None  # schedules.SIGMA_SCHEDULES: replaces the model's spacing (None: karras says)
 
     def batches(self) -> list[slice]:
         """The images of each model call, in order."""
@@ -150,7 +155,8 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
             padding_mask_crop: int | None = None, overlay: bool = False, masked_content: str = "original",
             outpaint: tuple[int, int, int, int] | None = None, denoising_start: float | None = None,
             denoising_end: float | None = None, aesthetic_score: float = 6.0,
-            negative_aesthetic_score: float = 2.5, clip_skip: int | None = None) -> Request:
+            negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
+            sigma_schedule: str | None = None) -> Request:
     """The Request for these arguments of `Pipeline.__call__` (see there), with `defaults` for what is None."""
     handoff = None
     if denoising_start is not None:
@@ -178,7 +184,21 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
                    _pair(target_size, "target_size", (height, width)), output_type, latents, edit,
                    _fraction(denoising_end, "denoising_end"), denoising_start, handoff,
                    _number(aesthetic_score, "aesthetic_score"), _number(negative_aesthetic_score, "negative_aesthetic_score"),
-                   loras, _whole(clip_skip or 0, "clip_skip", 0))
+                   loras, _whole(clip_skip or 0, "clip_skip", 0), _sigma_schedule(sigma_schedule, karras, sampler))
+
+
+def _sigma_schedule(value, karras: bool | None, sampler: str) -> str | None:
+    """A known sigma schedule, for a sampler that walks free sigmas, agreeing with `karras`."""
+    if value is None:
+        return None
+    if value not in SIGMA_SCHEDULES:
+        raise FewstepError(f"unknown sigma_schedule {value!r}; choose one of: {', '.join(SIGMA_SCHEDULES)}")
+    if karras is not None and karras != (value == "karras"):
+        raise FewstepError(f"karras={karras} and sigma_schedule={value!r} contradict each other; give one")
+    if not spec(sampler).karras:
+        free = ", ".join(n for n, s in SAMPLERS.items() if s.karras)
+        raise FewstepError(f"sigma_schedule={value!r} applies to {free}, not {sampler}")
+    return value
 
 
 def _prompt_loras(prompt) -> tuple[tuple[str, float], ...]:
@@ -249,7 +269,8 @@ def infotext(request: Request, i: int, model: str, sampler_name: str, loras: dic
     if request.negative is not None and request.negative[i]:
         lines.append(f"Negative prompt: {request.negative[i]}")
     settings = [f"Steps: {request.steps}", f"Sampler: {sampler_name}"]
-    settings += ["Schedule type: Karras"] if request.karras else []
+    schedule = request.sigma_schedule or ("karras" if request.karras else None)
+    settings += [f"Schedule type: {SCHEDULE_TYPES[schedule]}"] if schedule else []
     settings += [f"CFG scale: {request.guidance:g}", f"Seed: {request.seeds[i]}",
                  f"Size: {request.width}x{request.height}", f"Model: {model}"]
     settings += [f"Clip skip: {request.clip_skip + 1}"] if request.clip_skip else []

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fewstep"
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
-SUBPACKAGES = ("models", "loading", "speed", "inspect", "bench", "shapes", "train")
+SUBPACKAGES = ("models", "loading", "samplers", "speed", "inspect", "bench", "shapes", "train")
 # Third-party packages that may be imported inside a function: optional or heavy, needed by few paths.
 LAZY_ALLOWED = ("diffusers", "transformers", "torchao", "accelerate", "matplotlib", "huggingface_hub",
                 "torch._dynamo", "torch._functorch", "torch._inductor")

@@ -57,7 +57,7 @@ def test_refused_before_loading(run, no_load, tmp_path, monkeypatch, args, match
     (["--guidance", "inf"], "guidance=inf"),
     (["--steps", "0"], "steps=0"),
     (["--steps", "5000"], "more than the model's 1000"),
-    (["--sampler", "plms"], "unknown sampler 'plms'"),
+    (["--sampler", "dpm_fast"], "unknown sampler 'dpm_fast'"),
     (["--width", "100"], "multiple of 8 (e.g. 128, this model's size)"),
     (["--batch-size", "0"], "batch_size=0"),
 ])

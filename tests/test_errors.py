@@ -89,7 +89,7 @@ def test_pickle_refused_without_allow_pickle(copy):
     (dict(width=100), r"width=100 must be a positive multiple of 8"),
     (dict(height=0), r"height=0 must be a positive multiple of 8"),
     (dict(steps=0), r"steps"),
-    (dict(sampler="plms"), r"plms"),
+    (dict(sampler="dpm_fast"), r"unknown sampler 'dpm_fast'"),
     (dict(num_images=0), r"num_images=0"),
     (dict(latents=torch.zeros(1, 4, 3, 3)), r"latents have shape \(1, 4, 3, 3\), expected \(1, 4, 8, 8\)"),
 ])

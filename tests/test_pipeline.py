@@ -58,20 +58,39 @@ def test_same_images_as_diffusers(pipelines, family, guidance, negative, steps, 
     _compare(ours, theirs)
 
 
-@pytest.mark.parametrize("family,sampler,scheduler", [("sd1", "ddim", "DDIMScheduler"),
-                                                      ("sd2-v", "dpmpp_2m", "DPMSolverMultistepScheduler")])
-def test_other_samplers_match(pipelines, family, sampler, scheduler, monkeypatch):
+SAMPLER_CASES = [  # (family, fewstep sampler and options, diffusers scheduler and options)
+    ("sd1", "ddim", {}, "DDIMScheduler", {}),
+    ("sd2-v", "dpmpp_2m", {}, "DPMSolverMultistepScheduler", {}),
+    ("sdxl", "dpmpp_2m", {"karras": True}, "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("sd1", "heun", {}, "HeunDiscreteScheduler", {}),
+    ("sd2-v", "lms", {}, "LMSDiscreteScheduler", {}),
+    ("sd1", "dpm2", {}, "KDPM2DiscreteScheduler", {}),
+    ("sd2-eps", "dpm2_a", {}, "KDPM2AncestralDiscreteScheduler", {}),
+    ("sdxl", "dpmpp_2m_sde", {}, "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("sd2-eps", "unipc", {}, "UniPCMultistepScheduler", {}),
+    ("sd1", "plms", {}, "PNDMScheduler", {"skip_prk_steps": True}),
+    ("sd1", "euler", {"sigma_schedule": "exponential"}, "EulerDiscreteScheduler", {"use_exponential_sigmas": True}),
+    ("sd2-v", "heun", {"sigma_schedule": "karras"}, "HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+]
+
+
+@pytest.mark.parametrize("family,sampler,options,scheduler,theirs_options", SAMPLER_CASES)
+def test_other_samplers_match(pipelines, family, sampler, options, scheduler, theirs_options, monkeypatch):
+    """The pipeline with each sampler (and sigma schedule) against diffusers' pipeline with the matching
+    scheduler: the same latents, and the stochastic samplers' noise from the same seeded CPU generator."""
     import diffusers
     folder, ref = pipelines[family]
     # From the saved file: the in-memory config would re-default keys diffusers marks as defaulted.
-    monkeypatch.setattr(ref, "scheduler", getattr(diffusers, scheduler).from_pretrained(folder / "scheduler"))
+    monkeypatch.setattr(ref, "scheduler", getattr(diffusers, scheduler).from_pretrained(folder / "scheduler",
+                                                                                      **theirs_options))
     pipe = fewstep.load(folder)
     latents = torch.randn(1, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(3))
-    theirs = ref(PROMPT, num_inference_steps=4, guidance_scale=3.0, latents=latents.clone(), height=SIZE,
-                 width=SIZE, output_type="np").images
+    theirs = ref(PROMPT, guidance_scale=3.0, latents=latents.clone(), height=SIZE, width=SIZE, output_type="np",
+                 generator=torch.Generator().manual_seed(5), num_inference_steps=4).images
     ours = pipe(PROMPT, steps=4, guidance=3.0, sampler=sampler, latents=latents, width=SIZE, height=SIZE,
-                progress=False)
+                seed=5, progress=False, **options)
     _compare(ours, theirs)
+    assert f"Sampler: {fewstep.samplers.spec(sampler).a1111}" in ours[0].info["parameters"]
 
 
 def test_sdxl_micro_conditioning(pipelines):

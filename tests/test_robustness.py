@@ -43,7 +43,10 @@ def pipe():
     (dict(num_images=10**9, batch_size=1), "more than 100000 images in one call"),
     (dict(num_images=50_000, width=1024, height=1024, batch_size=1), "GiB of working memory"),
     (dict(original_size=(1, 2, 3)), "original_size=(1, 2, 3) must be two whole numbers"),
-    (dict(sampler="plms"), "unknown sampler 'plms'"),
+    (dict(sampler="dpm_fast"), "unknown sampler 'dpm_fast'"),
+    (dict(sigma_schedule="cosine"), "unknown sigma_schedule 'cosine'; choose one of: karras, exponential"),
+    (dict(sampler="ddim", sigma_schedule="ays"), "sigma_schedule='ays' applies to euler, euler_a"),
+    (dict(karras=False, sigma_schedule="karras"), "karras=False and sigma_schedule='karras' contradict"),
 ])
 def test_api_mistakes_are_one_line(pipe, kwargs, match):
     kwargs = {"prompt": "a red circle", **kwargs}
@@ -65,8 +68,9 @@ def test_devices_this_machine_lacks(device, match):
         fewstep.load(dtype=torch.int8)
 
 
-@pytest.mark.parametrize("scheduler,sampler", [("PNDMScheduler", "euler"), ("LMSDiscreteScheduler", "euler"),
-                                               ("KDPM2AncestralDiscreteScheduler", "euler_a")])
+@pytest.mark.parametrize("scheduler,sampler", [("DEISMultistepScheduler", "dpmpp_2m"),
+                                               ("DPMSolverSinglestepScheduler", "dpmpp_2m"),
+                                               ("EDMEulerScheduler", "euler")])
 def test_a_scheduler_fewstep_lacks_is_named_with_its_stand_in(tiny_folders, tmp_path, scheduler, sampler):
     folder = tmp_path / "m"
     shutil.copytree(tiny_folders["sd1"], folder)
