@@ -30,9 +30,11 @@ from .request import resolve, seeds_for
 from .samplers import SAMPLERS
 from .schedules import SIGMA_SCHEDULES
 from .shapes import edits as edit_study
-from .shapes.caption import parse_prompt
+from .shapes.caption import concept_prompts, parse_prompt
+from .shapes.data import batch, concept_batch, write_folder
 from .shapes.evaluate import failures
 from .shapes.metrics import eval_set, evaluate, markdown, sample_grid
+from .shapes.render import NEW_SHAPES
 from .speed.quantize import quantize
 from .train.cli import add_train_parser, cmd_train
 
@@ -215,6 +217,30 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "at --strength) and --n object replacements (inpainting); docs/editing.md")
     p.add_argument("--strength", type=float, default=0.6, help="--edits: the recolouring's strength")
     p.add_argument("--no-overlay", action="store_true", help="--edits: inpaint without pasting the original back")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="score the model with this "
+                   "LoRA loaded (repeatable)")
+    p.add_argument("--new-shape", default=None, choices=NEW_SHAPES, help="score prompts with this shape the "
+                   "shipped models never saw (a LoRA's concept; docs/lora.md) instead; no tiny-CLIP score")
+
+
+def _dataset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="a new folder: NNNNN.png + NNNNN.txt (its caption) per image")
+    p.add_argument("--n", type=int, default=2000, help="images")
+    p.add_argument("--new-shape", default=None, choices=NEW_SHAPES, help="make a share of the scenes hold this "
+                   "new shape (training data for a LoRA that teaches it)")
+    p.add_argument("--share", type=float, default=0.5, help="--new-shape: the share of scenes that hold it")
+    p.add_argument("--drop", type=float, default=0.3, help="probability each optional caption part is left out")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_dataset(a: argparse.Namespace) -> None:
+    if a.n < 1:
+        raise FewstepError(f"--n is 1 or more, not {a.n}")
+    if a.new_shape:
+        images, captions, _ = concept_batch(a.seed, a.n, a.new_shape, a.share, drop=a.drop)
+    else:
+        images, captions, _ = batch(a.seed, a.n, drop=a.drop)
+    print(write_folder(a.out, images, captions))
 
 
 def why_line(steps: int, prompts: list[str], images) -> str:
@@ -227,10 +253,15 @@ def why_line(steps: int, prompts: list[str], images) -> str:
 
 def cmd_eval(a: argparse.Namespace) -> None:
     pipe = load(a.model)
+    for path, scale in (_lora_arg(text) for text in a.lora):
+        pipe.load_lora(path, scale)
     if a.edits:
         return _eval_edits(pipe, a)
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [pipe.defaults.steps]
-    prompts, clip, reference = eval_set(a.seed, a.n, not a.no_clip, a.clip)
+    if a.new_shape:
+        prompts, clip, reference = concept_prompts(a.seed, a.n, a.new_shape), None, None
+    else:
+        prompts, clip, reference = eval_set(a.seed, a.n, not a.no_clip, a.clip)
     results, columns = [], {}
     for s in steps:
         r, images = evaluate(pipe, prompts, s, a.seed, clip, reference, guidance=a.guidance, sampler=a.sampler)
@@ -331,12 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
     _eval_args(sub.add_parser("eval", help="accuracy, tiny-CLIP score, Fréchet distance and speed of a shapes model"))
     _bench_args(sub.add_parser("bench", help="load, encode, step, decode and end-to-end time, memory; vs diffusers"))
+    _dataset_args(sub.add_parser("dataset", help="a folder of rendered shapes scenes and their captions (LoRA "
+                                 "training data)"))
     add_train_parser(sub)
     _one_line_warnings()
     try:
         a = parser.parse_args(argv)
         {"generate": cmd_generate, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval,
-         "bench": cmd_bench}[a.command](a)
+         "bench": cmd_bench, "dataset": cmd_dataset}[a.command](a)
     except FewstepError as e:
         say(f"error: {e}", sys.stderr)
         return 2

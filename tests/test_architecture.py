@@ -17,7 +17,7 @@ PACKAGE = ROOT / "fewstep"
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
 SUBPACKAGES = ("models", "loading", "samplers", "speed", "inspect", "bench", "shapes", "train")
 # Third-party packages that may be imported inside a function: optional or heavy, needed by few paths.
-LAZY_ALLOWED = ("diffusers", "transformers", "torchao", "accelerate", "matplotlib", "huggingface_hub",
+LAZY_ALLOWED = ("diffusers", "transformers", "torchao", "accelerate", "matplotlib", "huggingface_hub", "peft",
                 "torch._dynamo", "torch._functorch", "torch._inductor")
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import FewstepError
-from .render import COLORS, POSITIONS, SHAPES, SIZES, Scene, sample_scene
+from .render import ALL_SHAPES, COLORS, POSITIONS, SIZES, Scene, sample_scene
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ def _alternatives(names) -> str:
 
 
 _COLOR = _alternatives(COLORS)
-_OBJECT = re.compile(rf"an? (?:({_alternatives(SIZES)}) )?(?:({_COLOR}) )?({_alternatives(SHAPES)})"
+_OBJECT = re.compile(rf"an? (?:({_alternatives(SIZES)}) )?(?:({_COLOR}) )?({_alternatives(ALL_SHAPES)})"
                      rf"(?: ({_alternatives(POSITIONS)}))?")
 _BACKGROUND = re.compile(rf"(.*) on an? ({_COLOR}) background")
-_WORDS = {"a", "an", "and", "on", "background", *COLORS, *SHAPES, *SIZES, *" ".join(POSITIONS).split()}
+_WORDS = {"a", "an", "and", "on", "background", *COLORS, *ALL_SHAPES, *SIZES, *" ".join(POSITIONS).split()}
 _FORM = "'a [small|large] COLOUR SHAPE [POSITION]', two joined by 'and', then optionally 'on a COLOUR background'"
 
 
@@ -78,7 +78,7 @@ def parse_prompt(text: str) -> Prompt:
     unknown = [w for w in clean.split() if w not in _WORDS]
     if unknown:
         raise FewstepError(f"prompt {text!r}: unknown word {unknown[0]!r}; colours are {', '.join(COLORS)}, "
-                           f"shapes {', '.join(SHAPES)}, sizes {', '.join(SIZES)} (see docs/shapes.md)")
+                           f"shapes {', '.join(ALL_SHAPES)}, sizes {', '.join(SIZES)} (see docs/shapes.md)")
     match = _BACKGROUND.fullmatch(clean)
     body, background = (match.group(1), match.group(2)) if match else (clean, None)
     pieces = body.split(" and ")
@@ -132,3 +132,13 @@ def sample_prompts(seed: int, n: int, two_fraction: float = 0.5) -> list[str]:
     n_two = round(n * two_fraction)
     counts = rng.permutation([2] * n_two + [1] * (n - n_two))
     return [caption(sample_scene(rng, int(k)), rng, 0.0 if i % 2 == 0 else 0.5) for i, k in enumerate(counts)]
+
+
+def concept_prompts(seed: int, n: int, shape: str) -> list[str]:
+    """`sample_prompts`' form for scenes whose first object is the new `shape`: the held-out prompts a LoRA
+    that teaches it is scored on (docs/lora.md)."""
+    rng = np.random.default_rng(seed)
+    n_two = round(n / 2)
+    counts = rng.permutation([2] * n_two + [1] * (n - n_two))
+    return [caption(sample_scene(rng, int(k), ALL_SHAPES, must=shape), rng, 0.0 if i % 2 == 0 else 0.5)
+            for i, k in enumerate(counts)]

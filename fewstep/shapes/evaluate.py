@@ -5,10 +5,11 @@ Built to judge imperfect generated images, not only exact renders: each pixel ta
 palette colour (or 'unknown' when far from all), the background is the commonest colour on the
 border, and every other colour is split into connected components after a 3x3 morphological
 opening, which removes anti-aliasing fringes (a red edge on yellow blends to orange) and speckle.
-Each component is compared with the three ideal shapes (circle, square, upright triangle) of its
-own area and centroid; the best intersection over union names the shape (a component that fits
-none well is a 'blob', which no prompt accepts), and that ideal shape's side and bounding-box
-centre give the size and the nearest of the nine positions. Everything is numpy: no scipy.
+Each component is compared with the ideal shapes (circle, square, upright triangle, and the flat 2:1
+rectangle the shipped models never learned) of its own area and centroid; the best intersection over
+union names the shape (a component that fits none well is a 'blob', which no prompt accepts), and that
+ideal shape's side and bounding-box centre give the size and the nearest of the nine positions.
+Everything is numpy: no scipy.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ def label(classes: np.ndarray) -> np.ndarray:
 
 
 def fit_shapes(mask: np.ndarray) -> dict[str, tuple[float, float, float, float]]:
-    """For each ideal shape (circle, square, upright triangle) of the mask's area and centroid:
-    (IoU with the mask, side, bounding-box centre x, y), in pixels. Fitting by area and centroid,
+    """For each ideal shape (circle, square, upright triangle, flat 2:1 rectangle) of the mask's area and
+    centroid: (IoU with the mask, side, bounding-box centre x, y), in pixels. Fitting by area and centroid,
     not by bounding box, keeps a fit good when blur or the opening rounds off a triangle's tips."""
     ys, xs = np.nonzero(mask)
     area, cx, cy = len(xs), xs.mean() + 0.5, ys.mean() + 0.5
@@ -119,6 +120,8 @@ def fit_shapes(mask: np.ndarray) -> dict[str, tuple[float, float, float, float]]
     side = np.sqrt(2 * area)  # the centroid is 2/3 of the way from apex to base
     apex = -2 * side / 3
     fits["triangle"] = ((y >= apex) & (y <= side / 3) & (np.abs(x) <= (y - apex) / 2), side, cx, cy - side / 6)
+    side = np.sqrt(2 * area)  # a rectangle is as wide as its size and half as tall
+    fits["rectangle"] = ((np.abs(x) <= side / 2) & (np.abs(y) <= side / 4), side, cx, cy)
     result = {}
     for name, (ideal, side, bx, by) in fits.items():
         overlap = (mask & ideal).sum()

@@ -21,6 +21,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 180), "orange": (245, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+# Shapes the shipped models never saw: the grammar, renderer and evaluator know them, the scene sampler
+# draws them only when asked (`sample_scene(shapes=...)`); docs/lora.md teaches one with a LoRA.
+NEW_SHAPES = ("rectangle",)  # lying flat: as wide as the size, half as tall
+ALL_SHAPES = SHAPES + NEW_SHAPES
 SIZES = {"small": 0.2, "large": 0.4}  # side of the shape's bounding box, as a fraction of the image side
 POSITIONS: dict[str, tuple[float, float]] = {  # (cx, cy) of the bounding box, as fractions of the side
     "in the center": (0.5, 0.5), "on the left": (0.25, 0.5), "on the right": (0.75, 0.5),
@@ -45,7 +49,7 @@ class Obj:
     offset: tuple[float, float] = (0.0, 0.0)  # jitter of the centre from its anchor, fractions of the side
 
     def __post_init__(self):
-        for kind, value, allowed in (("colour", self.color, COLORS), ("shape", self.shape, SHAPES),
+        for kind, value, allowed in (("colour", self.color, COLORS), ("shape", self.shape, ALL_SHAPES),
                                      ("size", self.size, SIZES), ("position", self.position, POSITIONS)):
             if value not in allowed:
                 raise FewstepError(f"unknown {kind} {value!r}: use one of {', '.join(allowed)}")
@@ -89,13 +93,17 @@ def _place(rng: np.random.Generator, color: str, shape: str, size: str) -> Obj:
     return Obj(color, shape, size, _pick(rng, POSITIONS), offset)
 
 
-def sample_scene(rng: np.random.Generator, n_objects: int | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, n_objects: int | None = None, shapes=SHAPES,
+                 must: str | None = None) -> Scene:
     """A random scene: 1 or 2 objects (half each unless `n_objects` is given), never overlapping,
-    on a background whose colour no object has."""
+    on a background whose colour no object has; shapes from `shapes` (the shipped models' by default),
+    the first object a `must` when given. With the default arguments the draws are the same as ever."""
     n = n_objects if n_objects is not None else 1 + int(rng.random() < 0.5)
     if n not in (1, 2):
         raise FewstepError(f"n_objects must be 1 or 2, not {n}")
-    looks = [(_pick(rng, COLORS), _pick(rng, SHAPES), _pick(rng, SIZES)) for _ in range(n)]
+    looks = [(_pick(rng, COLORS), _pick(rng, shapes), _pick(rng, SIZES)) for _ in range(n)]
+    if must is not None:
+        looks[0] = (looks[0][0], must, looks[0][2])
     # Re-draw only the placements, so sizes stay uniform; every pair of sizes fits somewhere
     # (opposite sides, say), so this ends: after 2.2 tries on average.
     while True:
@@ -120,8 +128,11 @@ def render(scene: Scene, size: int = 128) -> np.ndarray:
             draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)  # PIL's boxes include their last pixel
         elif obj.shape == "square":
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        else:  # isosceles, apex up, base = height = the size, so its bounding box is square too
+        elif obj.shape == "triangle":  # isosceles, apex up, base = height = the size: a square bounding box too
             draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+        else:  # rectangle: the middle half of the box's height
+            quarter = (y1 - y0) / 4
+            draw.rectangle((x0, round(y0 + quarter), x1 - 1, round(y1 - quarter) - 1), fill=fill)
     return np.asarray(image.reduce(SUPERSAMPLE))
 
 

@@ -22,12 +22,20 @@ import os
 import sys
 
 from ..errors import FewstepError
+from .lora import train_lora
 from .recipe import ONE_PROCESS, STAGES, TEACHER_STAGES, run_all, run_stage
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=(*STAGES, "all"), help="one stage, or all of them in order")
-    p.add_argument("--out", required=True, help="run folder: every stage reads and writes here")
+    p.add_argument("stage", choices=(*STAGES, "all", "lora"), help="one stage, or all of them in order; lora: a LoRA "
+                   "for --base from the images and captions in --data (docs/lora.md)")
+    p.add_argument("--out", required=True, help="run folder: every stage reads and writes here (lora: the "
+                   ".safetensors file to write; its checkpoints and logs go to OUT.train/ beside it)")
+    p.add_argument("--base", default=None, help="lora: the model to adapt (default: the built-in model)")
+    p.add_argument("--data", default=None, help="lora: a folder of images, each with a same-named .txt caption")
+    p.add_argument("--rank", type=int, default=8, help="lora: the rank of each adapter (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="lora: its alpha (default: the rank, a scale of 1)")
+    p.add_argument("--text-encoder", action="store_true", help="lora: adapt the text encoder too (new words)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of the stage (default: the recipe's)")
     p.add_argument("--batch", type=int, default=None, help="global batch size of the stage")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the stage")
@@ -82,6 +90,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_train(a: argparse.Namespace) -> None:
     if a.cpu:  # accelerate's own switch (`accelerate launch --cpu` sets it too), read by common.on_cpu
         os.environ["ACCELERATE_USE_CPU"] = "true"
+    if a.stage == "lora":
+        return _lora(a)
+    if a.base is not None or a.data is not None or a.text_encoder:
+        raise FewstepError("--base, --data and --text-encoder are options of the lora stage")
     if a.processes is not None and a.processes < 1:
         raise FewstepError(f"--processes is 1 or more, not {a.processes}")
     if a.stage == "all":
@@ -117,6 +129,16 @@ def cmd_train(a: argparse.Namespace) -> None:
         report = {a.stage: run_stage(a.stage, a.out, a.tiny, a.seed, a.resume, a.evaluate_n, **over)}
     if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get("FEWSTEP_LAUNCHED"):  # one report, also
         # under `accelerate launch`; none from the processes recipe.launch starts (their caller reports)
+        print(json.dumps(report, indent=2))
+
+
+def _lora(a: argparse.Namespace) -> None:
+    if a.data is None:
+        raise FewstepError("train lora needs --data FOLDER (images with same-named .txt captions)")
+    report = train_lora(a.base, a.data, a.out, rank=a.rank, alpha=a.alpha, text_encoder=a.text_encoder,
+                        steps=a.steps or 1000, batch=a.batch or 16, lr=a.lr or 1e-3, seed=a.seed, resume=a.resume,
+                        stop_at=a.stop_at)
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, indent=2))
 
 

@@ -1,0 +1,212 @@
+"""`fewstep train lora`: a LoRA for a model, learned from a folder of images with same-named .txt captions,
+saved in the diffusers / PEFT format that diffusers' `load_lora_weights` and fewstep's `load_lora` read.
+
+    fewstep train lora --base MODEL --data FOLDER --rank 8 --out style.safetensors
+
+The adapters are peft's (`inject_adapter_in_model`) on the UNet's attention projections (to_q, to_k,
+to_v, to_out.0) and, with `text_encoder=True`, on the text encoder's (q/k/v/out_proj); the base weights
+stay frozen. The images are encoded once (the VAE's posterior mean) and so are the captions when the text
+encoder is frozen; each step noises a batch of them at uniform timesteps and regresses the model's own
+prediction type (epsilon, v or x0: the loss diffusers' train_text_to_image_lora.py uses). The loop is
+the other stages' (`loop.Stage`: accelerate, progress bar, loss log and plot, checkpoints, exact resume);
+its files live in `OUT.train/` beside the output file, which is written last, through a temporary file.
+SD 1.x / 2.x-type models (one text encoder, no pooled conditioning); SDXL is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .. import text
+from ..edits import load_image
+from ..errors import FewstepError
+from ..imaging import from_uint8
+from ..pipeline import load_pipeline
+from ..schedules import alphas_cumprod
+from .common import batches, generator, seed_for, set_lr, warmup_lr
+from .loop import Hyper, Stage
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# the attention projections, the feed-forward layers and the ResNet convolutions (LoCon): a new shape is
+# drawn by the convolutions as much as it is named by attention (docs/lora.md, "Training a LoRA")
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+ENCODE_CHUNK = 64  # images / captions encoded per call while caching
+
+
+def read_folder(folder: str | Path, size: int) -> tuple[np.ndarray, list[str]]:
+    """The folder's images (resized and centre-cropped to size x size, uint8 [N, size, size, 3]) and their
+    captions (IMAGE.txt beside each IMAGE.png, as kohya's and A1111's trainers read them)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FewstepError(f"--data {folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FewstepError(f"--data {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) there")
+    bare = [p.name for p in files if not p.with_suffix(".txt").is_file()]
+    if bare:
+        raise FewstepError(f"--data {folder}: {len(bare)} of {len(files)} images have no caption file (e.g. "
+                           f"{bare[0]} needs {Path(bare[0]).with_suffix('.txt').name})")
+    images = np.stack([_square(load_image(p, "training image"), size) for p in files])
+    return images, [p.with_suffix(".txt").read_text(encoding="utf-8").strip() for p in files]
+
+
+def _square(image, size: int) -> np.ndarray:
+    """Scale the short side to `size`, then crop the centre (diffusers' --center_crop)."""
+    scale = size / min(image.size)
+    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((w, h), resample=3)  # bicubic
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def add_adapters(pipe, rank: int, alpha: float, text_encoder: bool) -> list[torch.nn.Parameter]:
+    """peft LoRA layers on the UNet (and text encoder) attention projections; only they train."""
+    from peft import LoraConfig, inject_adapter_in_model  # lazy: optional (pip install 'fewstep[train]')
+    models = [(pipe.unet, UNET_TARGETS)] + ([(pipe.text_encoders[0], TEXT_TARGETS)] if text_encoder else [])
+    params = []
+    for model, targets in models:
+        model.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets,
+                                           init_lora_weights="gaussian"), model)
+        params += [p for name, p in model.named_parameters() if "lora_" in name]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def lora_state(pipe, text_encoder: bool) -> dict[str, torch.Tensor]:
+    """The adapters' weights under diffusers' keys: unet.<module>.lora_A.weight, text_encoder.<module>...."""
+    from peft.utils import get_peft_model_state_dict  # lazy: optional (pip install 'fewstep[train]')
+    out = {f"unet.{k}": v for k, v in get_peft_model_state_dict(pipe.unet).items()}
+    if text_encoder:
+        out.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(pipe.text_encoders[0]).items()})
+    return out
+
+
+def save_lora(state: dict[str, torch.Tensor], path: Path, rank: int, alpha: float, text_encoder: bool) -> None:
+    """fp16 safetensors with diffusers' `lora_adapter_metadata` (rank, alpha, targets per component),
+    written to a temporary file and renamed: a kill leaves the old file or none, never half a one."""
+    meta = {"unet.r": rank, "unet.lora_alpha": alpha, "unet.target_modules": UNET_TARGETS}
+    if text_encoder:
+        meta.update({"text_encoder.r": rank, "text_encoder.lora_alpha": alpha,
+                     "text_encoder.target_modules": TEXT_TARGETS})
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in state.items()}
+    save_file(tensors, str(tmp), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True)})
+    os.chmod(tmp, 0o644)  # save_file makes it private
+    os.replace(tmp, path)
+
+
+def _check(pipe, out: Path, rank: int) -> None:
+    if len(pipe.text_encoders) != 1 or pipe.conditioning.pooled:
+        raise FewstepError("fewstep train lora trains SD 1.x / 2.x-type models (one text encoder); this one has "
+                           f"{len(pipe.text_encoders)} and pooled conditioning (SDXL): not supported yet")
+    if not 1 <= rank <= 256:
+        raise FewstepError(f"--rank is 1 to 256, not {rank}")
+    if out.suffix != ".safetensors":
+        raise FewstepError(f"--out {out}: a LoRA is written as a .safetensors file")
+    if not out.parent.is_dir():
+        raise FewstepError(f"--out {out}: the folder {out.parent} does not exist")
+
+
+@torch.no_grad()
+def _cache(pipe, images: np.ndarray, captions: list[str], text_encoder: bool) -> dict:
+    """Latents of every image, and the captions' context unless the text encoder trains."""
+    latents = torch.cat([pipe.vae.encode(from_uint8(images[i:i + ENCODE_CHUNK]).to(pipe.device)).float().cpu()
+                         for i in range(0, len(images), ENCODE_CHUNK)])
+    cache = {"latents": latents}
+    if not text_encoder:
+        cache["context"] = text.encode(pipe.tokenizers, pipe.text_encoders, pipe.conditioning, [captions],
+                                       pipe.device, torch.float32)[0][0].cpu()
+    return cache
+
+
+class Trainee(torch.nn.Module):
+    """The UNet and text encoder as one module (one `accelerate.prepare`, one DDP under several processes):
+    forward(x_t, t, context) with cached contexts, or forward(x_t, t, captions=...) encoding them."""
+
+    def __init__(self, pipe):
+        super().__init__()
+        self.unet, self.text_encoder = pipe.unet, pipe.text_encoders[0]
+        self.tokenizers, self.conditioning = pipe.tokenizers, pipe.conditioning
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
+                captions: list[str] | None = None) -> torch.Tensor:
+        if context is None:
+            context = text.encode(self.tokenizers, [self.text_encoder], self.conditioning, [captions], x.device,
+                                  torch.float32)[0][0]
+        return self.unet(x, t, context)
+
+
+def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int = 8, alpha: float | None = None,
+               text_encoder: bool = False, steps: int = 1000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
+               resume: bool = False, stop_at: int | None = None) -> dict:
+    """Train a LoRA of `rank` on `base` (a model folder or file; None: the built-in model) from `data`;
+    writes `out` when the steps are done (not when `stop_at` ends the run early: resume later)."""
+    out = Path(out)
+    pipe = load_pipeline(base)
+    _check(pipe, out, rank)
+    alpha = float(rank if alpha is None else alpha)
+    images, captions = read_folder(data, pipe.defaults.size or pipe.unet.cfg.sample_size * pipe.vae_scale)
+    cache = _cache(pipe, images, captions, text_encoder)
+    params = add_adapters(pipe, rank, alpha, text_encoder)
+    hyper = Hyper(steps, batch, lr, warmup=min(100, steps // 10), log_every=max(1, min(25, steps // 20)),
+                  ckpt_every=max(50, steps // 4), stop_at=stop_at)
+    stage = Stage("lora", out.with_name(out.stem + ".train"), hyper, seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model, optimizer = stage.accel.prepare(Trainee(pipe), optimizer)
+    start = stage.restore(resume)
+    ac = alphas_cumprod(pipe.scheduler).to(stage.accel.device)
+
+    def make(step: int) -> dict:
+        g = generator(seed_for(seed, "lora", step, stage.rank))
+        idx = torch.randint(0, len(images), (stage.per_process,), generator=g)
+        latents = cache["latents"][idx]
+        b = {"latents": latents, "noise": torch.randn(latents.shape, generator=g),
+             "t": torch.randint(0, len(ac), (len(idx),), generator=g)}
+        if text_encoder:
+            b["captions"] = [captions[i] for i in idx.tolist()]
+        else:
+            b["context"] = cache["context"][idx]
+        return b
+
+    def step_fn(step: int, b: dict) -> dict:
+        set_lr(optimizer, warmup_lr(step, lr, hyper.warmup, steps))
+        predicted = model(_noised(b, ac), b["t"], b.get("context"), b.get("captions"))
+        loss = F.mse_loss(predicted, _target(b, ac, pipe.scheduler.prediction_type))
+        stage.accel.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    model.train()
+    done = stage.run(batches(make, start, steps), step_fn)
+    result = {"steps": stage.counter.step, "seconds": round(stage.counter.seconds, 1), "images": len(images),
+              "parameters": sum(p.numel() for p in params)}
+    if done and stage.main:
+        save_lora(lora_state(pipe, text_encoder), out, rank, alpha, text_encoder)
+        result.update(out=str(out), bytes=out.stat().st_size)
+    return result
+
+
+def _noised(b: dict, ac: torch.Tensor) -> torch.Tensor:
+    a = ac[b["t"]].view(-1, 1, 1, 1)
+    return a.sqrt() * b["latents"] + (1 - a).sqrt() * b["noise"]
+
+
+def _target(b: dict, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the model predicts: the noise, v = sqrt(a) noise - sqrt(1 - a) x0, or x0."""
+    if prediction_type == "epsilon":
+        return b["noise"]
+    if prediction_type == "sample":
+        return b["latents"]
+    a = ac[b["t"]].view(-1, 1, 1, 1)
+    return a.sqrt() * b["noise"] - (1 - a).sqrt() * b["latents"]
