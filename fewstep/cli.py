@@ -36,6 +36,7 @@ from .shapes.evaluate import failures
 from .shapes.metrics import eval_set, evaluate, markdown, sample_grid
 from .shapes.render import NEW_SHAPES
 from .speed.quantize import quantize
+from .serve.cli import add_serve_parser, cmd_serve
 from .train.cli import add_train_parser, cmd_train
 
 
@@ -365,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     _dataset_args(sub.add_parser("dataset", help="a folder of rendered shapes scenes and their captions (LoRA "
                                  "training data)"))
     add_train_parser(sub)
+    add_serve_parser(sub)
     _one_line_warnings()
     try:
         a = parser.parse_args(argv)
         {"generate": cmd_generate, "inspect": cmd_inspect, "train": cmd_train, "eval": cmd_eval,
-         "bench": cmd_bench, "dataset": cmd_dataset}[a.command](a)
+         "bench": cmd_bench, "dataset": cmd_dataset, "serve": cmd_serve}[a.command](a)
     except FewstepError as e:
         say(f"error: {e}", sys.stderr)
         return 2
