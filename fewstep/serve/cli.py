@@ -66,19 +66,3 @@ def cmd_serve(a: argparse.Namespace) -> None:
     print(f"fewstep serve: {app.state.serve.worker.title} at http://{host}:{a.port}/ (API: /sdapi/v1, its docs: "
           f"/docs{'; basic auth on' if a.api_auth else ''})", flush=True)
     uvicorn.run(app, host=a.host, port=a.port, access_log=False, log_level="warning")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m fewstep.serve.cli` (the same as `fewstep serve`)."""
-    parser = argparse.ArgumentParser(prog="fewstep")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        cmd_serve(parser.parse_args(argv))
-    except FewstepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

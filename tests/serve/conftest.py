@@ -9,7 +9,7 @@ from fewstep.serve.app import create_app
 
 @pytest.fixture(scope="session")
 def pipe():
-    """The built-in shapes-turbo pipeline (128x128, LCM, 4 steps), shared by every app of the session."""
+    """The built-in shapes-turbo pipeline (128x128, LCM, 4 steps), shared by every app of the test run."""
     return fewstep.load()
 
 

@@ -59,8 +59,7 @@ def test_fewstep_imports_and_says_what_to_install_without_fastapi():
     code = ("import sys\n"
             "for name in ('fastapi', 'pydantic', 'starlette', 'uvicorn'): sys.modules[name] = None\n"
             "import fewstep, fewstep.cli\n"
-            "from fewstep.serve import cli\n"
-            "sys.exit(cli.main(['serve']))\n")
+            "sys.exit(fewstep.cli.main(['serve']))\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines()[-1] == "error: " + cli.INSTALL
