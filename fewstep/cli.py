@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .api import load
+from .batch.rows import read_rows
+from .batch.run import run_rows
 from .bench.harness import SCHEMES, Options, Settings, parse_cache, run_bench
 from .bench.report import table
 from .errors import FewstepError
@@ -31,7 +34,7 @@ from .samplers import SAMPLERS
 from .schedules import SIGMA_SCHEDULES
 from .shapes import edits as edit_study
 from .shapes.caption import concept_prompts, parse_prompt
-from .shapes.data import batch, concept_batch, write_folder
+from .shapes.cli import add_dataset_parser, cmd_dataset
 from .shapes.evaluate import failures
 from .shapes.metrics import eval_set, evaluate, markdown, sample_grid
 from .shapes.render import NEW_SHAPES
@@ -41,7 +44,7 @@ from .train.cli import add_train_parser, cmd_train
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="what to draw")
+    _prompt_args(p)
     p.add_argument("--model", default=None, help="diffusers folder, .safetensors checkpoint or hub id "
                    "(default: the built-in model)")
     p.add_argument("--negative-prompt", default=None)
@@ -128,21 +131,16 @@ def _parts(text: str) -> tuple[str, ...]:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
+    if (a.prompt is None) == (a.from_file is None):
+        raise FewstepError("give a prompt or --from-file FILE (one of them)")
+    if a.from_file is not None:
+        return _generate_rows(a)
     seeds = seeds_for(a.seed, a.num_images)
     paths = plan(a.output, list(seeds))  # before any work: where the images go, and that they can go there
     outpaint = _outpaint(a.outpaint)
     image = None if a.image is None else load_image(a.image)  # unreadable inputs are refused before loading too
     mask = None if a.mask is None else load_mask(a.mask)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    pipe = load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
-                decoder=a.decoder, token_downsample=a.token_downsample)
-    for path, scale in (_lora_arg(text) for text in a.lora):
-        pipe.load_lora(path, scale)
-    pipe.lora_dir = a.lora_dir
-    for path in a.embedding:
-        pipe.load_embedding(path, allow_pickle=a.allow_pickle)
-    if a.quantize:
-        quantize(pipe, a.quantize, _parts(a.quantize_parts))
+    pipe = _pipeline(a)
     request = resolve(pipe.defaults, a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance,
                       sampler=a.sampler, karras=a.karras, seed=seeds[0], width=a.width, height=a.height,
                       num_images=a.num_images, batch_size=a.batch_size, image=image, mask_image=mask,
@@ -155,6 +153,44 @@ def cmd_generate(a: argparse.Namespace) -> None:
     for image, path in zip(images, paths):
         save_image(image, path)
         say(str(path))
+
+
+def _prompt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", nargs="?", default=None, help="what to draw (or --from-file)")
+    p.add_argument("--from-file", default=None, metavar="FILE", help="a prompt per line (.txt), per JSON row with "
+                   "its own settings (.jsonl) or from a column of a .tsv (PartiPrompts): images, manifest.jsonl "
+                   "and index.html into the --output folder; a re-run skips the images already made (docs/batch.md)")
+    p.add_argument("--column", default=None, help="--from-file .tsv: the prompt column (default: Prompt)")
+    p.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="--from-file .tsv: keep the rows with this value (repeatable)")
+
+
+def _pipeline(a: argparse.Namespace):
+    """The pipeline `fewstep generate`'s options ask for: model, dtype, LoRAs, embeddings, quantization."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    pipe = load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
+                decoder=a.decoder, token_downsample=a.token_downsample)
+    for path, scale in (_lora_arg(text) for text in a.lora):
+        pipe.load_lora(path, scale)
+    pipe.lora_dir = a.lora_dir
+    for path in a.embedding:
+        pipe.load_embedding(path, allow_pickle=a.allow_pickle)
+    if a.quantize:
+        quantize(pipe, a.quantize, _parts(a.quantize_parts))
+    return pipe
+
+
+def _generate_rows(a: argparse.Namespace) -> None:
+    """--from-file: the file's rows, each with the command line's settings unless the row sets its own."""
+    if Path(a.output).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        raise FewstepError(f"--output {a.output}: --from-file writes a folder of images, not one file")
+    rows = read_rows(a.from_file, a.column, a.filter)
+    given = {"negative_prompt": a.negative_prompt, "steps": a.steps, "guidance": a.guidance, "sampler": a.sampler,
+             "width": a.width, "height": a.height}
+    rows = [replace(r, settings={**{k: v for k, v in given.items() if v is not None}, **r.settings}) for r in rows]
+    report = run_rows(_pipeline(a), rows, a.output, a.seed, a.batch_size or 1, progress=not a.quiet)
+    say(f"{report['images']} images made, {report['skipped']} already there, in {a.output} "
+        f"({report['images_per_s']} images/s); manifest.jsonl and index.html beside them")
 
 
 def warn_outside_grammar(prompt: str) -> None:
@@ -222,26 +258,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "LoRA loaded (repeatable)")
     p.add_argument("--new-shape", default=None, choices=NEW_SHAPES, help="score prompts with this shape the "
                    "shipped models never saw (a LoRA's concept; docs/lora.md) instead; no tiny-CLIP score")
-
-
-def _dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out", help="a new folder: NNNNN.png + NNNNN.txt (its caption) per image")
-    p.add_argument("--n", type=int, default=2000, help="images")
-    p.add_argument("--new-shape", default=None, choices=NEW_SHAPES, help="make a share of the scenes hold this "
-                   "new shape (training data for a LoRA that teaches it)")
-    p.add_argument("--share", type=float, default=0.5, help="--new-shape: the share of scenes that hold it")
-    p.add_argument("--drop", type=float, default=0.3, help="probability each optional caption part is left out")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def cmd_dataset(a: argparse.Namespace) -> None:
-    if a.n < 1:
-        raise FewstepError(f"--n is 1 or more, not {a.n}")
-    if a.new_shape:
-        images, captions, _ = concept_batch(a.seed, a.n, a.new_shape, a.share, drop=a.drop)
-    else:
-        images, captions, _ = batch(a.seed, a.n, drop=a.drop)
-    print(write_folder(a.out, images, captions))
 
 
 def why_line(steps: int, prompts: list[str], images) -> str:
@@ -363,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
     _eval_args(sub.add_parser("eval", help="accuracy, tiny-CLIP score, Fréchet distance and speed of a shapes model"))
     _bench_args(sub.add_parser("bench", help="load, encode, step, decode and end-to-end time, memory; vs diffusers"))
-    _dataset_args(sub.add_parser("dataset", help="a folder of rendered shapes scenes and their captions (LoRA "
-                                 "training data)"))
+    add_dataset_parser(sub)
     add_train_parser(sub)
     add_serve_parser(sub)
     _one_line_warnings()

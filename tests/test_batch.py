@@ -1,0 +1,116 @@
+"""`fewstep generate --from-file`: rows from .txt / .jsonl / .tsv, images named by row and seed, a manifest
+with hashes, resumable (a re-run makes only what is missing or does not verify), the same images as
+one-at-a-time generation, and one-line errors for bad files."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fewstep
+from fewstep.batch.rows import read_rows
+from fewstep.batch.run import run_rows
+from fewstep.cli import main
+from fewstep.errors import FewstepError
+
+PROMPTS = ["a red circle", "a small blue square on the left", "a green triangle at the top"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return fewstep.load()
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path), np.int16)
+
+
+def test_a_text_file_runs_resumes_and_verifies(pipe, tmp_path):
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS[:2]) + "\n\n" + PROMPTS[2] + "\n")
+    out = tmp_path / "out"
+    first = run_rows(pipe, read_rows(src), out, seed=10, batch_size=2, progress=False)
+    assert first["images"] == 3 and first["skipped"] == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["00000-10.png", "00001-11.png", "00002-12.png"]
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in sorted(records, key=lambda r: r["index"])] == PROMPTS
+    assert all(len(r["sha256"]) == 64 and r["steps"] == 4 and r["sampler"] == "lcm" for r in records)
+    assert "00002-12.png" in (out / "index.html").read_text() and not list(out.glob("*.part"))
+    for i, prompt in enumerate(PROMPTS):  # image i is the image made alone with seed + i
+        alone = np.asarray(pipe(prompt, seed=10 + i, progress=False)[0], np.int16)
+        assert np.abs(pixels(out / names[i]) - alone).max() <= 1
+    again = run_rows(pipe, read_rows(src), out, seed=10, progress=False)
+    assert again["images"] == 0 and again["skipped"] == 3
+    (out / names[1]).unlink()
+    (out / names[2]).write_bytes((out / names[2]).read_bytes()[:-10])  # a damaged file does not verify
+    fixed = run_rows(pipe, read_rows(src), out, seed=10, progress=False)
+    assert fixed["images"] == 2 and fixed["skipped"] == 1
+    assert np.abs(pixels(out / names[2]) - np.asarray(pipe(PROMPTS[2], seed=12, progress=False)[0])).max() <= 1
+
+
+def test_jsonl_rows_carry_their_own_settings(pipe, tmp_path):
+    src = tmp_path / "p.jsonl"
+    rows = [{"prompt": PROMPTS[0], "seed": 7, "steps": 2}, {"prompt": PROMPTS[1], "negative": "a circle",
+                                                            "cfg_scale": 0.0}]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    run_rows(pipe, read_rows(src), out, seed=3, progress=False)
+    records = {r["index"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert records[0]["seed"] == 7 and records[0]["steps"] == 2 and records[1]["seed"] == 4
+    assert records[1]["negative_prompt"] == "a circle" and records[1]["steps"] == 4
+    alone = np.asarray(pipe(PROMPTS[0], seed=7, steps=2, progress=False)[0], np.int16)
+    assert np.abs(pixels(out / "00000-7.png") - alone).max() <= 1
+    assert "Steps: 2" in Image.open(out / "00000-7.png").info["parameters"]
+
+
+def test_a_tsv_column_and_filters(tmp_path):
+    src = tmp_path / "parti.tsv"
+    src.write_text("Prompt\tCategory\tChallenge\na red circle\tShapes\tBasic\na cat\tAnimals\tBasic\n"
+                   "a dog\tAnimals\tFine\n")
+    assert [r.prompt for r in read_rows(src, filters=["Category=Animals"])] == ["a cat", "a dog"]
+    assert [r.prompt for r in read_rows(src, filters=["Category=Animals", "Challenge=Fine"])] == ["a dog"]
+    assert [r.prompt for r in read_rows(src, column="Category")] == ["Shapes", "Animals", "Animals"]
+    with pytest.raises(FewstepError, match="no column 'Cat' \\(columns: Prompt, Category, Challenge\\)"):
+        read_rows(src, filters=["Cat=Animals"])
+
+
+@pytest.mark.parametrize("name,text,match", [
+    ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "colour": 1}\n', "line 2: unknown key 'colour'"),
+    ("p.jsonl", '{"prompt": "a"}\n{oops\n', "line 2: not JSON"),
+    ("p.jsonl", '["a"]\n', "line 1: a JSON object with a \"prompt\" string"),
+    ("p.csv", "a\n", "a .txt, .jsonl or .tsv file, not .csv"),
+    ("p.txt", "\n\n", "no prompts in it"),
+])
+def test_bad_files_are_one_line_errors(tmp_path, name, text, match):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(FewstepError, match=match):
+        read_rows(tmp_path / name)
+
+
+@pytest.mark.parametrize("args,match", [
+    ([], "give a prompt or --from-file FILE"),
+    (["a red circle", "--from-file", "{tmp}/p.txt"], "give a prompt or --from-file FILE"),
+    (["--from-file", "{tmp}/p.txt", "--output", "{tmp}/x.png"], "writes a folder of images, not one file"),
+    (["--from-file", "{tmp}/none.txt"], "no such file"),
+    (["--from-file", "{tmp}/p.txt", "--column", "Prompt"], "--column and --filter apply to .tsv files"),
+])
+def test_command_line_mistakes(tmp_path, capsys, args, match):
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    assert main(["generate", *[a.format(tmp=tmp_path) for a in args], "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and "\n" not in err, err
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "outputs").exists()
+
+
+def test_the_command_line_run(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
+    out = tmp_path / "run"
+    assert main(["generate", "--from-file", str(tmp_path / "p.txt"), "--output", str(out), "--seed", "5",
+                 "--steps", "1", "--batch-size", "3", "--quiet"]) == 0
+    assert "3 images made, 0 already there" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.png")) == ["00000-5.png", "00001-6.png", "00002-7.png"]
+    assert main(["generate", "--from-file", str(tmp_path / "p.txt"), "--output", str(out), "--seed", "5",
+                 "--steps", "1", "--quiet"]) == 0
+    assert "0 images made, 3 already there" in capsys.readouterr().out
