@@ -189,8 +189,8 @@ def _generate_rows(a: argparse.Namespace) -> None:
              "width": a.width, "height": a.height}
     rows = [replace(r, settings={**{k: v for k, v in given.items() if v is not None}, **r.settings}) for r in rows]
     report = run_rows(_pipeline(a), rows, a.output, a.seed, a.batch_size or 1, progress=not a.quiet)
-    say(f"{report['images']} images made, {report['skipped']} already there, in {a.output} "
-        f"({report['images_per_s']} images/s); manifest.jsonl and index.html beside them")
+    say(f"{report['images']} images made, {report['skipped']} already there, in {a.output}: {report['images_per_s']} "
+        f"images/s, {report['s_per_image']} s/image, peak memory {report['peak_memory_mib']} MiB")
 
 
 def warn_outside_grammar(prompt: str) -> None:

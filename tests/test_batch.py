@@ -32,6 +32,7 @@ def test_a_text_file_runs_resumes_and_verifies(pipe, tmp_path):
     out = tmp_path / "out"
     first = run_rows(pipe, read_rows(src), out, seed=10, batch_size=2, progress=False)
     assert first["images"] == 3 and first["skipped"] == 0
+    assert first["images_per_s"] > 0 and first["s_per_image"] > 0 and first["peak_memory_mib"] > 100
     names = sorted(p.name for p in out.glob("*.png"))
     assert names == ["00000-10.png", "00001-11.png", "00002-12.png"]
     records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]

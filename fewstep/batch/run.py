@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import html
 import json
+import resource
 import time
 from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from ..outputs import save_image, writable
@@ -57,7 +59,15 @@ def run_rows(pipe, rows: list[Row], out: str | Path, seed: int = 0, batch_size: 
     seconds = time.perf_counter() - t0
     write_index(out)
     return {"images": made, "skipped": len(rows) - len(todo), "seconds": round(seconds, 2),
-            "images_per_s": round(made / seconds, 3) if made else None}
+            "images_per_s": round(made / seconds, 3) if made else None,
+            "s_per_image": round(seconds / made, 4) if made else None, "peak_memory_mib": peak_memory_mib(pipe)}
+
+
+def peak_memory_mib(pipe) -> float:
+    """The run's peak memory: the GPU's allocated peak on CUDA, else the process's peak resident set."""
+    if pipe.device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(pipe.device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _batch(pipe, rows: list[Row], seeds: dict[int, int], out: Path) -> int:
