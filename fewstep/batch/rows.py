@@ -70,5 +70,5 @@ def _tsv_rows(text: str, path: Path, column: str, filters) -> list[tuple[str, di
     for f in filters:
         if "=" not in f:
             raise FewstepError(f"--filter {f!r}: write COLUMN=VALUE")
-    keep = [dict(f.split("=", 1) for f in filters)]
-    return [(r[column], {}) for r in table if all(r[k] == v for k, v in keep[0].items())]
+    keep = dict(f.split("=", 1) for f in filters)
+    return [(r[column], {}) for r in table if all(r[k] == v for k, v in keep.items())]

@@ -48,16 +48,17 @@ def run_rows(pipe, rows: list[Row], out: str | Path, seed: int = 0, batch_size: 
     seeds = {r.index: int(r.settings.get("seed", seed + r.index)) for r in rows}
     todo = [r for r in rows if file_name(r, seeds[r.index]) not in finished]
     key = lambda r: json.dumps({k: v for k, v in r.settings.items() if k != "seed"}, sort_keys=True)  # noqa: E731
-    t0, made = time.perf_counter(), 0
+    t0, new = time.perf_counter(), []
     bar = tqdm(total=len(todo), desc="images", disable=not progress, mininterval=2.0)
     for _, same in groupby(sorted(todo, key=key), key=key):
         same = list(same)
         for start in range(0, len(same), batch_size):
-            made += _batch(pipe, same[start:start + batch_size], seeds, out)
+            new += _batch(pipe, same[start:start + batch_size], seeds, out)
             bar.update(len(same[start:start + batch_size]))
     bar.close()
     seconds = time.perf_counter() - t0
-    write_index(out)
+    write_index(out, [*finished.values(), *new])
+    made = len(new)
     return {"images": made, "skipped": len(rows) - len(todo), "seconds": round(seconds, 2),
             "images_per_s": round(made / seconds, 3) if made else None,
             "s_per_image": round(seconds / made, 4) if made else None, "peak_memory_mib": peak_memory_mib(pipe)}
@@ -70,8 +71,9 @@ def peak_memory_mib(pipe) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
-def _batch(pipe, rows: list[Row], seeds: dict[int, int], out: Path) -> int:
-    """One model call for rows of the same settings; each image saved, then appended to the manifest."""
+def _batch(pipe, rows: list[Row], seeds: dict[int, int], out: Path) -> list[dict]:
+    """One model call for rows of the same settings; each image saved, then appended to the manifest.
+    Returns the images' manifest records."""
     settings = {k: v for k, v in rows[0].settings.items() if k != "seed"}
     negative = settings.pop("negative_prompt", None)
     request = resolve(pipe.defaults, [r.prompt for r in rows], negative, **settings)
@@ -79,6 +81,7 @@ def _batch(pipe, rows: list[Row], seeds: dict[int, int], out: Path) -> int:
     t0 = time.perf_counter()
     images = pipe.generate(request, progress=False)
     each = (time.perf_counter() - t0) / len(rows)
+    records = []
     with (out / MANIFEST).open("a", encoding="utf-8") as manifest:
         for row, image in zip(rows, images):
             path = save_image(image, out / file_name(row, seeds[row.index]))
@@ -87,12 +90,13 @@ def _batch(pipe, rows: list[Row], seeds: dict[int, int], out: Path) -> int:
                       "width": request.width, "height": request.height, "negative_prompt": negative,
                       "seconds": round(each, 4), "sha256": sha256(path)}
             manifest.write(json.dumps(record) + "\n")
-    return len(rows)
+            records.append(record)
+    return records
 
 
-def write_index(out: Path) -> Path:
-    """DIR/index.html: every image of the manifest with its prompt and seed (a contact sheet to scroll)."""
-    records = sorted(done(out).values(), key=lambda r: r["index"])
+def write_index(out: Path, records: list[dict]) -> Path:
+    """DIR/index.html: every image of the run's folder with its prompt and seed (a contact sheet to scroll)."""
+    records = sorted(records, key=lambda r: r["index"])
     cells = "".join(f'<figure><img src="{html.escape(r["file"])}" width="160"><figcaption>{r["index"]}: '
                     f'{html.escape(r["prompt"])} (seed {r["seed"]})</figcaption></figure>' for r in records)
     page = ("<!doctype html><meta charset=utf-8><title>fewstep batch</title><style>body{display:flex;"

@@ -32,6 +32,7 @@ from ..pipeline import load_pipeline
 from ..schedules import alphas_cumprod
 from .common import batches, generator, seed_for, set_lr, warmup_lr
 from .loop import Hyper, Stage
+from .teacher import diffuse
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # the attention projections, the feed-forward layers and the ResNet convolutions (LoCon): a new shape is
@@ -180,7 +181,7 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
 
     def step_fn(step: int, b: dict) -> dict:
         set_lr(optimizer, warmup_lr(step, lr, hyper.warmup, steps))
-        predicted = model(_noised(b, ac), b["t"], b.get("context"), b.get("captions"))
+        predicted = model(diffuse(b["latents"], b["noise"], b["t"], ac), b["t"], b.get("context"), b.get("captions"))
         loss = F.mse_loss(predicted, _target(b, ac, pipe.scheduler.prediction_type))
         stage.accel.backward(loss)
         optimizer.step()
@@ -195,11 +196,6 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
         save_lora(lora_state(pipe, text_encoder), out, rank, alpha, text_encoder)
         result.update(out=str(out), bytes=out.stat().st_size)
     return result
-
-
-def _noised(b: dict, ac: torch.Tensor) -> torch.Tensor:
-    a = ac[b["t"]].view(-1, 1, 1, 1)
-    return a.sqrt() * b["latents"] + (1 - a).sqrt() * b["noise"]
 
 
 def _target(b: dict, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
