@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from .api import load
-from .batch.rows import read_rows
-from .batch.run import run_rows
+from .batch.cli import add_prompt_args, batch_size, generate_rows, summary
 from .bench.harness import SCHEMES, Options, Settings, parse_cache, run_bench
 from .bench.report import table
 from .errors import FewstepError
@@ -32,19 +30,17 @@ from .outputs import plan, save_image
 from .request import resolve, seeds_for
 from .samplers import SAMPLERS
 from .schedules import SIGMA_SCHEDULES
-from .shapes import edits as edit_study
-from .shapes.caption import concept_prompts, parse_prompt
+from .shapes.caption import parse_prompt
 from .shapes.cli import add_dataset_parser, cmd_dataset
-from .shapes.evaluate import failures
-from .shapes.metrics import eval_set, evaluate, markdown, sample_grid
-from .shapes.render import NEW_SHAPES
 from .speed.quantize import quantize
+from .loading.lora import lora_arg
+from .scoring.cli import add_eval_parser, cmd_eval
 from .serve.cli import add_serve_parser, cmd_serve
 from .train.cli import add_train_parser, cmd_train
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    _prompt_args(p)
+    add_prompt_args(p)
     p.add_argument("--model", default=None, help="diffusers folder, .safetensors checkpoint or hub id "
                    "(default: the built-in model)")
     p.add_argument("--negative-prompt", default=None)
@@ -59,8 +55,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=None, help="throughput mode: make --num-images this many "
-                   "at a time (default: all at once)")
+    p.add_argument("--batch-size", default=None, help="make --num-images (--from-file: rows of one settings) this "
+                   "many at a time (default: all at once; 1 for --from-file); --from-file: auto, the fastest measured")
     p.add_argument("--output", default="outputs", help="an image path (.png, .jpg or .webp: the settings go in "
                    "its PNG text or EXIF, as A1111 writes them), or a folder (default: outputs/)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
@@ -101,15 +97,6 @@ def _edit_args(p) -> None:
                    "rounded up to multiples of 8) and paint them")
 
 
-def _lora_arg(text: str) -> tuple[str, float]:
-    """--lora PATH[:SCALE] -> (path, scale); a suffix that is not a number is part of the path."""
-    path, _, scale = text.rpartition(":")
-    try:
-        return (path, float(scale)) if path else (text, 1.0)
-    except ValueError:
-        return text, 1.0
-
-
 def _outpaint(text: str | None) -> tuple[int, int, int, int] | None:
     if text is None:
         return None
@@ -134,7 +121,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if (a.prompt is None) == (a.from_file is None):
         raise FewstepError("give a prompt or --from-file FILE (one of them)")
     if a.from_file is not None:
-        return _generate_rows(a)
+        report = generate_rows(a, _pipeline)
+        return say(summary(report, a.output)) if report else None
+    if batch_size(a.batch_size) == "auto":
+        raise FewstepError("--batch-size auto is for --from-file runs; give a number")
     seeds = seeds_for(a.seed, a.num_images)
     paths = plan(a.output, list(seeds))  # before any work: where the images go, and that they can go there
     outpaint = _outpaint(a.outpaint)
@@ -143,7 +133,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     pipe = _pipeline(a)
     request = resolve(pipe.defaults, a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance,
                       sampler=a.sampler, karras=a.karras, seed=seeds[0], width=a.width, height=a.height,
-                      num_images=a.num_images, batch_size=a.batch_size, image=image, mask_image=mask,
+                      num_images=a.num_images, batch_size=batch_size(a.batch_size), image=image, mask_image=mask,
                       strength=a.strength, mask_blur=a.mask_blur, invert_mask=a.invert_mask,
                       padding_mask_crop=a.inpaint_only_masked, overlay=a.overlay, masked_content=a.masked_content,
                       outpaint=outpaint, clip_skip=a.clip_skip, sigma_schedule=a.sigma_schedule)
@@ -155,22 +145,12 @@ def cmd_generate(a: argparse.Namespace) -> None:
         say(str(path))
 
 
-def _prompt_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", nargs="?", default=None, help="what to draw (or --from-file)")
-    p.add_argument("--from-file", default=None, metavar="FILE", help="a prompt per line (.txt), per JSON row with "
-                   "its own settings (.jsonl) or from a column of a .tsv (PartiPrompts): images, manifest.jsonl "
-                   "and index.html into the --output folder; a re-run skips the images already made (docs/batch.md)")
-    p.add_argument("--column", default=None, help="--from-file .tsv: the prompt column (default: Prompt)")
-    p.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
-                   help="--from-file .tsv: keep the rows with this value (repeatable)")
-
-
 def _pipeline(a: argparse.Namespace):
     """The pipeline `fewstep generate`'s options ask for: model, dtype, LoRAs, embeddings, quantization."""
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     pipe = load(a.model, device=a.device, dtype=dtype, config=a.config, allow_pickle=a.allow_pickle,
                 decoder=a.decoder, token_downsample=a.token_downsample)
-    for path, scale in (_lora_arg(text) for text in a.lora):
+    for path, scale in (lora_arg(text) for text in a.lora):
         pipe.load_lora(path, scale)
     pipe.lora_dir = a.lora_dir
     for path in a.embedding:
@@ -178,19 +158,6 @@ def _pipeline(a: argparse.Namespace):
     if a.quantize:
         quantize(pipe, a.quantize, _parts(a.quantize_parts))
     return pipe
-
-
-def _generate_rows(a: argparse.Namespace) -> None:
-    """--from-file: the file's rows, each with the command line's settings unless the row sets its own."""
-    if Path(a.output).suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
-        raise FewstepError(f"--output {a.output}: --from-file writes a folder of images, not one file")
-    rows = read_rows(a.from_file, a.column, a.filter)
-    given = {"negative_prompt": a.negative_prompt, "steps": a.steps, "guidance": a.guidance, "sampler": a.sampler,
-             "width": a.width, "height": a.height}
-    rows = [replace(r, settings={**{k: v for k, v in given.items() if v is not None}, **r.settings}) for r in rows]
-    report = run_rows(_pipeline(a), rows, a.output, a.seed, a.batch_size or 1, progress=not a.quiet)
-    say(f"{report['images']} images made, {report['skipped']} already there, in {a.output}: {report['images_per_s']} "
-        f"images/s, {report['s_per_image']} s/image, peak memory {report['peak_memory_mib']} MiB")
 
 
 def warn_outside_grammar(prompt: str) -> None:
@@ -236,73 +203,6 @@ def cmd_inspect(a: argparse.Namespace) -> None:
         Path(a.output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="a shapes model folder (default: the built-in model)")
-    p.add_argument("--n", type=int, default=500, help="prompts of the fixed, seeded eval set")
-    p.add_argument("--steps", default=None, help="comma-separated step counts (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--sampler", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", default=None, help="write a prompts x steps sample grid PNG here")
-    p.add_argument("--clip", default=None, help="a trained tiny-CLIP folder (RUN/clip; default: the built-in one)")
-    p.add_argument("--no-clip", action="store_true", help="skip the tiny-CLIP score and Fréchet distance")
-    p.add_argument("--why", action="store_true", help="also count why the wrong images are wrong "
-                   "(position swap, extra object, binding, ...) per step count")
-    p.add_argument("--edits", action="store_true", help="score editing instead: --n recolourings (image to image "
-                   "at --strength) and --n object replacements (inpainting); docs/editing.md")
-    p.add_argument("--strength", type=float, default=0.6, help="--edits: the recolouring's strength")
-    p.add_argument("--no-overlay", action="store_true", help="--edits: inpaint without pasting the original back")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="score the model with this "
-                   "LoRA loaded (repeatable)")
-    p.add_argument("--new-shape", default=None, choices=NEW_SHAPES, help="score prompts with this shape the "
-                   "shipped models never saw (a LoRA's concept; docs/lora.md) instead; no tiny-CLIP score")
-
-
-def why_line(steps: int, prompts: list[str], images) -> str:
-    """'4 steps, wrong: 1-object: extra object 5, ...; 2-object: position 38, ...' (most common first)."""
-    counts = failures(prompts, list(images))
-    parts = [f"{n}-object: " + (", ".join(f"{k} {v}" for k, v in counts[n].most_common() if k != "right") or "none")
-             for n in (1, 2) if sum(counts[n].values())]
-    return f"{steps} steps, wrong: " + "; ".join(parts)
-
-
-def cmd_eval(a: argparse.Namespace) -> None:
-    pipe = load(a.model)
-    for path, scale in (_lora_arg(text) for text in a.lora):
-        pipe.load_lora(path, scale)
-    if a.edits:
-        return _eval_edits(pipe, a)
-    steps = [int(s) for s in a.steps.split(",")] if a.steps else [pipe.defaults.steps]
-    if a.new_shape:
-        prompts, clip, reference = concept_prompts(a.seed, a.n, a.new_shape), None, None
-    else:
-        prompts, clip, reference = eval_set(a.seed, a.n, not a.no_clip, a.clip)
-    results, columns = [], {}
-    for s in steps:
-        r, images = evaluate(pipe, prompts, s, a.seed, clip, reference, guidance=a.guidance, sampler=a.sampler)
-        results.append(r)
-        columns[s] = images
-        print(markdown([r], pipe.name).splitlines()[-1], flush=True)
-        if a.why:
-            print(why_line(s, prompts, images), flush=True)
-    print(markdown(results, pipe.name))
-    if a.grid:
-        path = Path(a.grid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sample_grid(columns, prompts).save(path)
-        print(path)
-
-
-def _eval_edits(pipe, a: argparse.Namespace) -> None:
-    steps = int(a.steps) if a.steps else None
-    figures, made, painted = edit_study.run(pipe, a.n, a.seed, a.strength, steps, overlay=not a.no_overlay)
-    print(edit_study.markdown(figures, f"{pipe.name} ({steps or pipe.defaults.steps} steps)"))
-    if a.grid:
-        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
-        edit_study.grid(made, painted).save(a.grid)
-        print(a.grid)
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
@@ -377,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_args(sub.add_parser("generate", help="generate images from a prompt"))
     _inspect_args(sub.add_parser("inspect", help="layers, shapes, parameters and FLOPs of an architecture"))
-    _eval_args(sub.add_parser("eval", help="accuracy, tiny-CLIP score, Fréchet distance and speed of a shapes model"))
+    add_eval_parser(sub)
     _bench_args(sub.add_parser("bench", help="load, encode, step, decode and end-to-end time, memory; vs diffusers"))
     add_dataset_parser(sub)
     add_train_parser(sub)

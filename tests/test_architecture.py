@@ -15,10 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fewstep"
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
-SUBPACKAGES = ("models", "loading", "samplers", "speed", "inspect", "bench", "shapes", "train", "serve", "batch")
+SUBPACKAGES = ("models", "loading", "samplers", "speed", "inspect", "bench", "shapes", "train", "serve", "batch",
+               "scoring")
 # Third-party packages that may be imported inside a function: optional or heavy, needed by few paths.
 LAZY_ALLOWED = ("diffusers", "transformers", "torchao", "accelerate", "matplotlib", "huggingface_hub", "peft",
-                "uvicorn", "torch._dynamo", "torch._functorch", "torch._inductor")
+                "uvicorn", "torchmetrics", "torch._dynamo", "torch._functorch", "torch._inductor")
 
 
 def module_name(path: Path) -> str:

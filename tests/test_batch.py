@@ -78,16 +78,52 @@ def test_a_tsv_column_and_filters(tmp_path):
 
 
 @pytest.mark.parametrize("name,text,match", [
-    ("p.jsonl", '{"prompt": "a"}\n{"prompt": "b", "colour": 1}\n', "line 2: unknown key 'colour'"),
-    ("p.jsonl", '{"prompt": "a"}\n{oops\n', "line 2: not JSON"),
-    ("p.jsonl", '["a"]\n', "line 1: a JSON object with a \"prompt\" string"),
     ("p.csv", "a\n", "a .txt, .jsonl or .tsv file, not .csv"),
     ("p.txt", "\n\n", "no prompts in it"),
+    ("p.tsv", "Prompt\tCategory\na\tb\n", None),
 ])
 def test_bad_files_are_one_line_errors(tmp_path, name, text, match):
     (tmp_path / name).write_text(text)
+    if match is None:
+        with pytest.raises(FewstepError, match="no column 'Cat' \\(columns: Prompt, Category\\)"):
+            read_rows(tmp_path / name, column="Cat")
+        return
     with pytest.raises(FewstepError, match=match):
         read_rows(tmp_path / name)
+
+
+MALFORMED = ('{"prompt": "a red circle"}\n{oops\n\n["a"]\n{"prompt": "a blue square", "colour": 1}\n'
+             '{"prompt": "a green circle", "steps": "many"}\n{"prompt": "a blue circle", "meta": {"Category": "x"}}\n')
+
+
+def test_malformed_rows_are_skipped_with_their_line_or_stop_the_run(pipe, tmp_path, recwarn):
+    """Each malformed row is a one-line warning naming its line (the file's, blank lines counted) and is
+    counted; the other rows keep their names and seeds. --strict refuses the file before any image."""
+    src = tmp_path / "p.jsonl"
+    src.write_text(MALFORMED)
+    rows = read_rows(src)
+    assert [r.problem is None for r in rows] == [True, False, False, False, True, True]
+    report = run_rows(pipe, rows, tmp_path / "out", seed=0, progress=False)
+    assert report["images"] == 2 and report["bad_rows"] == 4
+    warned = [str(w.message) for w in recwarn]
+    assert [m.split(": ")[0] for m in warned] == [f"{src} line 2", f"{src} line 4", f"{src} line 5",
+                                                  "row 4 ('a green circle')"]
+    assert "not JSON" in warned[0] and "unknown key 'colour'" in warned[2] and "steps" in warned[3]
+    assert all(m.endswith("; skipped") and "\n" not in m for m in warned)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["00000-0.png", "00005-5.png"]
+    record = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[1])
+    assert record["meta"] == {"Category": "x"}
+    with pytest.raises(FewstepError, match=f"{src} line 2: not JSON .* \\(--strict\\)"):
+        run_rows(pipe, rows, tmp_path / "strict", strict=True, progress=False)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_tsv_rows_keep_their_other_columns_and_short_lines_are_malformed(tmp_path):
+    src = tmp_path / "parti.tsv"
+    src.write_text("Prompt\tCategory\tChallenge\na cat\tAnimals\tBasic\nbroken line\na dog\tAnimals\tFine\n")
+    rows = read_rows(src)
+    assert rows[0].meta == {"Category": "Animals", "Challenge": "Basic"} and rows[2].prompt == "a dog"
+    assert rows[1].problem == f"{src} line 3: 1 cells for 3 columns"
 
 
 @pytest.mark.parametrize("args,match", [

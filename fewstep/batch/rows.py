@@ -1,4 +1,7 @@
-"""The rows of a prompt file: a prompt and the settings it overrides."""
+"""The rows of a prompt file: a prompt, the settings it overrides, and the table's other columns.
+
+A malformed row (not JSON, an unknown key, no prompt) is kept with its problem, so the run can warn and
+skip it (or stop, with --strict) while every other row keeps its place, its name and its seed."""
 
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ class Row:
     index: int  # the row's place in the file (after filtering): names its output, seeds it
     prompt: str
     settings: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # a .tsv row's other columns (PartiPrompts' Category, ...)
+    problem: str | None = None  # why the row cannot run ("line 3: not JSON ..."), or None
 
 
 def read_rows(path: str | Path, column: str | None = None, filters: list[str] = ()) -> list[Row]:
@@ -37,33 +42,38 @@ def read_rows(path: str | Path, column: str | None = None, filters: list[str] = 
     elif kind == ".tsv":
         rows = _tsv_rows(text, path, column or "Prompt", filters)
     elif kind == ".txt":
-        rows = [(line.strip(), {}) for line in text.splitlines() if line.strip()]
+        rows = [(line.strip(), {}, {}, None) for line in text.splitlines() if line.strip()]
     else:
         raise FewstepError(f"--from-file {path}: a .txt, .jsonl or .tsv file, not {kind or 'no suffix'}")
     if (filters or column) and kind != ".tsv":
         raise FewstepError("--column and --filter apply to .tsv files")
     if not rows:
         raise FewstepError(f"--from-file {path}: no prompts in it")
-    return [Row(i, prompt, settings) for i, (prompt, settings) in enumerate(rows)]
+    return [Row(i, *row) for i, row in enumerate(rows)]
 
 
-def _json_row(i: int, line: str, path: Path) -> tuple[str, dict]:
+def _json_row(i: int, line: str, path: Path) -> tuple[str, dict, dict, str | None]:
+    """(prompt, settings, meta, problem) of JSONL line i; "meta" may hold a row's own labels (a category)."""
     try:
         data = json.loads(line)
     except json.JSONDecodeError as e:
-        raise FewstepError(f"{path} line {i + 1}: not JSON ({e.msg})") from None
+        return "", {}, {}, f"{path} line {i + 1}: not JSON ({e.msg})"
     if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
-        raise FewstepError(f"{path} line {i + 1}: a JSON object with a \"prompt\" string")
+        return "", {}, {}, f"{path} line {i + 1}: not a JSON object with a \"prompt\" string"
+    meta = data.pop("meta", {})
     settings = {ALIASES.get(k, k): v for k, v in data.items() if k != "prompt"}
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
-        raise FewstepError(f"{path} line {i + 1}: unknown key {unknown[0]!r}; rows may set {', '.join(SETTINGS)}")
-    return data["prompt"], settings
+        return data["prompt"], {}, {}, (f"{path} line {i + 1}: unknown key {unknown[0]!r}; rows may set "
+                                        f"{', '.join(SETTINGS)} and meta")
+    if not isinstance(meta, dict):
+        return data["prompt"], {}, {}, f"{path} line {i + 1}: \"meta\" is an object of labels"
+    return data["prompt"], settings, meta, None
 
 
-def _tsv_rows(text: str, path: Path, column: str, filters) -> list[tuple[str, dict]]:
-    table = list(csv.DictReader(text.splitlines(), delimiter="\t"))
-    names = list(table[0]) if table else []
+def _tsv_rows(text: str, path: Path, column: str, filters) -> list[tuple[str, dict, dict, str | None]]:
+    reader = csv.DictReader(text.splitlines(), delimiter="\t")
+    names = reader.fieldnames or []
     for key in [column, *(f.partition("=")[0] for f in filters)]:
         if key not in names:
             raise FewstepError(f"{path}: no column {key!r} (columns: {', '.join(names) or 'none'})")
@@ -71,4 +81,11 @@ def _tsv_rows(text: str, path: Path, column: str, filters) -> list[tuple[str, di
         if "=" not in f:
             raise FewstepError(f"--filter {f!r}: write COLUMN=VALUE")
     keep = dict(f.split("=", 1) for f in filters)
-    return [(r[column], {}) for r in table if all(r[k] == v for k, v in keep.items())]
+    rows = []
+    for r in reader:
+        if None in r.values() or None in r:  # fewer or more cells than the header has columns
+            cells = len([v for k, v in r.items() if k is not None and v is not None]) + len(r.get(None, []))
+            rows.append(("", {}, {}, f"{path} line {reader.line_num}: {cells} cells for {len(names)} columns"))
+        elif all(r[k] == v for k, v in keep.items()):
+            rows.append((r[column], {}, {k: v for k, v in r.items() if k != column}, None))
+    return rows

@@ -1,12 +1,17 @@
-"""Generate the rows not done yet, batch by batch, each image recorded in the manifest once written."""
+"""Generate the rows not done yet, batch by batch, each image recorded in the manifest once written.
+
+Batches are planned the same way whatever the number of processes (rows of the same settings, in file
+order, `batch_size` at a time) and dealt out whole, so each image is the one a one-process run makes.
+Each process appends to its own manifest part as images land (a killed run loses only what was in
+flight); at the end the first process merges the parts into `manifest.jsonl` and writes the index.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import html
 import json
 import resource
 import time
+import warnings
 from dataclasses import replace
 from itertools import groupby
 from pathlib import Path
@@ -14,54 +19,127 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import FewstepError
 from ..outputs import save_image, writable
 from ..request import resolve
+from .manifest import MANIFEST, append, done, file_name, merge_parts, part_path, sha256, write_index
+from .processes import Processes
 from .rows import Row
-
-MANIFEST = "manifest.jsonl"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from .sizes import choose_batch_size
 
 
-def done(out: Path) -> dict[str, dict]:
-    """The manifest's records whose file exists with the recorded hash (a re-run skips those rows)."""
-    manifest = out / MANIFEST
-    records = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()] \
-        if manifest.is_file() else []
-    return {r["file"]: r for r in records if (out / r["file"]).is_file() and sha256(out / r["file"]) == r["sha256"]}
-
-
-def file_name(row: Row, seed: int) -> str:
-    return f"{row.index:05d}-{seed}.png"
-
-
-def run_rows(pipe, rows: list[Row], out: str | Path, seed: int = 0, batch_size: int = 1,
-             progress: bool = True) -> dict:
+def run_rows(pipe, rows: list[Row], out: str | Path, seed: int = 0, batch_size: int | str = 1,
+             progress: bool = True, strict: bool = False, procs: Processes = Processes()) -> dict:
     """Images for `rows` into `out`: row i's seed is its own or seed + i; rows with the same settings run
-    `batch_size` at a time. Returns counts, seconds and images/s."""
+    `batch_size` at a time ("auto": the fastest size measured on the first batches). Malformed rows are
+    skipped with a one-line warning each (`strict`: refused before any work). Returns counts, seconds,
+    images/s, s/image and peak memory (summed / the largest over processes)."""
     out = Path(out)
     writable(out)
-    out.mkdir(parents=True, exist_ok=True)
+    rows, bad = usable(pipe, rows, strict)
+    if procs.main:
+        out.mkdir(parents=True, exist_ok=True)
+        merge_parts(out)  # parts a killed run left behind
+    procs.wait()
     finished = done(out)
     seeds = {r.index: int(r.settings.get("seed", seed + r.index)) for r in rows}
     todo = [r for r in rows if file_name(r, seeds[r.index]) not in finished]
-    key = lambda r: json.dumps({k: v for k, v in r.settings.items() if k != "seed"}, sort_keys=True)  # noqa: E731
-    t0, new = time.perf_counter(), []
-    bar = tqdm(total=len(todo), desc="images", disable=not progress, mininterval=2.0)
-    for _, same in groupby(sorted(todo, key=key), key=key):
-        same = list(same)
-        for start in range(0, len(same), batch_size):
-            new += _batch(pipe, same[start:start + batch_size], seeds, out)
-            bar.update(len(same[start:start + batch_size]))
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="images", disable=not (progress and procs.main), mininterval=2.0)
+    new = _run(pipe, todo, seeds, out, batch_size, procs, bar)
     bar.close()
     seconds = time.perf_counter() - t0
-    write_index(out, [*finished.values(), *new])
-    made = len(new)
-    return {"images": made, "skipped": len(rows) - len(todo), "seconds": round(seconds, 2),
+    made = procs.gather([len(new)])
+    memory = procs.gather([peak_memory_mib(pipe)])
+    procs.wait()
+    if procs.main:
+        records = merge_parts(out)
+        write_index(out, records)
+    made = sum(made)
+    return {"images": made, "skipped": len(rows) - len(todo), "bad_rows": bad, "seconds": round(seconds, 2),
             "images_per_s": round(made / seconds, 3) if made else None,
-            "s_per_image": round(seconds / made, 4) if made else None, "peak_memory_mib": peak_memory_mib(pipe)}
+            "s_per_image": round(seconds / made, 4) if made else None, "peak_memory_mib": max(memory),
+            "processes": procs.count}
+
+
+def usable(pipe, rows: list[Row], strict: bool) -> tuple[list[Row], int]:
+    """The rows that can run, and how many could not: a row with a problem from its file, or settings
+    the model refuses, is a one-line warning (or, `strict`, the error), checked before any work."""
+    good = []
+    for row in rows:
+        problem = row.problem
+        if problem is None:
+            try:
+                _request(pipe, [row], {row.index: 0})
+            except FewstepError as e:
+                problem = f"row {row.index} ({row.prompt[:40]!r}): {e}"
+        if problem is None:
+            good.append(row)
+        elif strict:
+            raise FewstepError(f"{problem} (--strict)")
+        else:
+            warnings.warn(f"{problem}; skipped")
+    return good, len(rows) - len(good)
+
+
+def plan(todo: list[Row], batch_size: int) -> list[list[Row]]:
+    """Rows of the same settings together, in file order, `batch_size` at a time."""
+    batches = []
+    for _, same in groupby(sorted(todo, key=_settings_key), key=_settings_key):
+        same = list(same)
+        batches += [same[i:i + batch_size] for i in range(0, len(same), batch_size)]
+    return batches
+
+
+def _settings_key(row: Row) -> str:
+    return json.dumps({k: v for k, v in row.settings.items() if k != "seed"}, sort_keys=True)
+
+
+def _run(pipe, todo, seeds, out, batch_size, procs: Processes, bar) -> list[dict]:
+    part = part_path(out, procs)
+    new = []
+    if batch_size == "auto":  # each process measures on its own share of the rows
+        mine = todo[procs.index::procs.count]
+        group = max(plan(mine, max(1, len(mine))), key=len, default=[])
+        size, new = choose_batch_size(lambda rows: _batch(pipe, rows, seeds, out, part), group, bar)
+        done_now = {r["index"] for r in new}
+        batches = plan([r for r in mine if r.index not in done_now], size)
+    else:
+        batches = plan(todo, int(batch_size))[procs.index::procs.count]
+    for rows in batches:
+        new += _batch(pipe, rows, seeds, out, part)
+        bar.update(len(rows))
+    return new
+
+
+def _request(pipe, rows: list[Row], seeds: dict[int, int]):
+    settings = {k: v for k, v in rows[0].settings.items() if k != "seed"}
+    negative = settings.pop("negative_prompt", None)
+    request = resolve(pipe.defaults, [r.prompt for r in rows], negative, **settings)
+    return replace(request, seeds=tuple(seeds[r.index] for r in rows)), negative
+
+
+def _batch(pipe, rows: list[Row], seeds: dict[int, int], out: Path, part: Path) -> list[dict]:
+    """One model call for rows of the same settings; each image saved, then appended to the manifest
+    part. Returns the images' manifest records."""
+    request, negative = _request(pipe, rows, seeds)
+    t0 = time.perf_counter()
+    images = pipe.generate(request, progress=False)
+    each = (time.perf_counter() - t0) / len(rows)
+    records = []
+    for row, image in zip(rows, images):
+        try:
+            path = save_image(image, out / file_name(row, seeds[row.index]))
+        except OSError as e:
+            raise FewstepError(f"cannot write {out / file_name(row, seeds[row.index])}: {e.strerror or e}; the "
+                               "images already written are kept, run the same command again to finish") from None
+        record = {"file": path.name, "index": row.index, "prompt": row.prompt, "seed": seeds[row.index],
+                  "steps": request.steps, "guidance": request.guidance, "sampler": request.sampler,
+                  "width": request.width, "height": request.height, "negative_prompt": negative,
+                  "seconds": round(each, 4), "sha256": sha256(path), **({"meta": row.meta} if row.meta else {})}
+        append(part, record)
+        records.append(record)
+    return records
 
 
 def peak_memory_mib(pipe) -> float:
@@ -71,35 +149,4 @@ def peak_memory_mib(pipe) -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
-def _batch(pipe, rows: list[Row], seeds: dict[int, int], out: Path) -> list[dict]:
-    """One model call for rows of the same settings; each image saved, then appended to the manifest.
-    Returns the images' manifest records."""
-    settings = {k: v for k, v in rows[0].settings.items() if k != "seed"}
-    negative = settings.pop("negative_prompt", None)
-    request = resolve(pipe.defaults, [r.prompt for r in rows], negative, **settings)
-    request = replace(request, seeds=tuple(seeds[r.index] for r in rows))
-    t0 = time.perf_counter()
-    images = pipe.generate(request, progress=False)
-    each = (time.perf_counter() - t0) / len(rows)
-    records = []
-    with (out / MANIFEST).open("a", encoding="utf-8") as manifest:
-        for row, image in zip(rows, images):
-            path = save_image(image, out / file_name(row, seeds[row.index]))
-            record = {"file": path.name, "index": row.index, "prompt": row.prompt, "seed": seeds[row.index],
-                      "steps": request.steps, "guidance": request.guidance, "sampler": request.sampler,
-                      "width": request.width, "height": request.height, "negative_prompt": negative,
-                      "seconds": round(each, 4), "sha256": sha256(path)}
-            manifest.write(json.dumps(record) + "\n")
-            records.append(record)
-    return records
-
-
-def write_index(out: Path, records: list[dict]) -> Path:
-    """DIR/index.html: every image of the run's folder with its prompt and seed (a contact sheet to scroll)."""
-    records = sorted(records, key=lambda r: r["index"])
-    cells = "".join(f'<figure><img src="{html.escape(r["file"])}" width="160"><figcaption>{r["index"]}: '
-                    f'{html.escape(r["prompt"])} (seed {r["seed"]})</figcaption></figure>' for r in records)
-    page = ("<!doctype html><meta charset=utf-8><title>fewstep batch</title><style>body{display:flex;"
-            "flex-wrap:wrap;font:12px sans-serif}figure{width:170px}</style>" + cells)
-    (out / "index.html").write_text(page, encoding="utf-8")
-    return out / "index.html"
+__all__ = ["MANIFEST", "run_rows", "plan", "usable", "peak_memory_mib"]

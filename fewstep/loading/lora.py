@@ -234,3 +234,13 @@ def _underscored(module: nn.Module, unet_cfg: UNetConfig | None) -> dict[str, st
                 if param.endswith(".weight") and target in layers:
                     out[f"{ldm}.{param[:-len('.weight')]}".replace(".", "_")] = target
     return out
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (path, scale); a suffix that is not a number is part of the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
