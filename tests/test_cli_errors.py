@@ -59,7 +59,7 @@ def test_refused_before_loading(run, no_load, tmp_path, monkeypatch, args, match
     (["--steps", "5000"], "more than the model's 1000"),
     (["--sampler", "dpm_fast"], "unknown sampler 'dpm_fast'"),
     (["--width", "100"], "multiple of 8 (e.g. 128, this model's size)"),
-    (["--batch-size", "0"], "batch_size=0"),
+    (["--batch-size", "0"], "--batch-size '0': a whole number of at least 1, or auto"),
 ])
 def test_one_line_errors_and_nothing_written(run, tmp_path, args, match):
     if "cuda" in " ".join(args) and torch.cuda.is_available():

@@ -47,7 +47,7 @@ def test_evaluate_scores_a_perfect_and_a_wrong_model():
 
 
 def test_why_line_counts_every_wrong_image():
-    from fewstep.cli import why_line
+    from fewstep.scoring.cli import why_line
     images, captions, _ = batch(5, 40, drop=0.0)
     assert why_line(4, captions, images) == "4 steps, wrong: 1-object: none; 2-object: none"
     line = why_line(1, captions, np.roll(images, 1, axis=0))  # every image shows the next prompt's scene
