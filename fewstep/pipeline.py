@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import samplers, text
+from . import control, samplers, text
 from .adapters import Adapters
 from .configs import SchedulerConfig, TextConditioning
 from .denoiser import Denoiser
@@ -27,6 +27,7 @@ from .errors import FewstepError
 from .edits import paste
 from .imaging import autoencoder_input, from_uint8, memory_format, safe_decode, to_pil
 from .loading import load_components
+from .loading.controlnet import load_control
 from .loading.embeddings import attach, read_embedding
 from .loading.lora import lora_file, read_lora
 from .memory import Work, check
@@ -63,6 +64,7 @@ class Pipeline:
     token_downsample: int = 1
     adapters: Adapters = field(default_factory=Adapters)  # LoRAs (`load_lora`)
     lora_dir: Path | None = None  # where <lora:name:scale> tags in prompts find name.safetensors
+    controls: list = field(default_factory=list)  # ControlNets / T2I-Adapters (`load_controlnet`), in order
 
     def __post_init__(self):
         if self.conditioning is None:
@@ -122,6 +124,20 @@ class Pipeline:
         emb = read_embedding(path, token, allow_pickle)
         attach(emb, self.tokenizers, self.text_encoders)
         return emb.token
+
+    def load_controlnet(self, path: str | Path | list, *, variant: str | None = None, allow_pickle: bool = False
+                        ) -> int:
+        """Load ControlNets / T2I-Adapters (a path or hub id, or a list; diffusers folders or original ControlNet
+        files, `fewstep.loading.controlnet`) after those loaded before; each call then takes one control_image
+        per model, in this order. Returns how many are loaded. On an error none of `path` is kept."""
+        paths = list(path) if isinstance(path, (list, tuple)) else [path]
+        models = [load_control(p, self.unet.cfg, device=self.device, dtype=self.dtype, variant=variant,
+                               allow_pickle=allow_pickle, vae_scale=self.vae_scale) for p in paths]
+        self.controls.extend(models)
+        return len(self.controls)
+
+    def unload_controlnet(self) -> None:
+        self.controls.clear()
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         self.adapters.set_scale(name, scale)
@@ -184,11 +200,12 @@ class Pipeline:
         half = rows // 2 if cfg else 0
         return torch.tensor([neg] * half + [pos] * (rows - half)).to(self.device, self.dtype)
 
-    def _model_fn(self, cond: dict, guidance: float, cfg: bool, cache=None, extra: torch.Tensor | None = None
-                  ) -> Callable:
+    def _model_fn(self, cond: dict, guidance: float, cfg: bool, cache=None, extra: torch.Tensor | None = None,
+                  steer: control.Steering | None = None) -> Callable:
         """The guided model output as a function of (x, t), in fp32. `cache` (e.g. speed.deepcache)
         wraps the UNet for this one generation, so any state it keeps starts fresh each call; `extra`
-        channels (an inpainting UNet's mask and masked-source latents) are stacked onto its input."""
+        channels (an inpainting UNet's mask and masked-source latents) are stacked onto its input; `steer`
+        adds the ControlNets' / T2I-Adapters' residuals."""
         proj_dim = self.unet.cfg.time_cond_proj_dim
         unet = self.unet if cache is None else cache.wrap(self.unet)
         n = cond["context"].shape[0] // (2 if cfg else 1)
@@ -205,9 +222,10 @@ class Pipeline:
             x = x.to(self.dtype, memory_format=fmt)
             if cfg:
                 x = torch.cat([x, x])
+            residuals = {} if steer is None else steer(x, t, cond)
             if extra is not None:
                 x = torch.cat([x, extra.to(x.dtype)], dim=1).contiguous(memory_format=fmt)
-            out = unet(x, t, **cond).to(torch.float32, memory_format=torch.contiguous_format)
+            out = unet(x, t, **cond, **residuals).to(torch.float32, memory_format=torch.contiguous_format)
             if not cfg:
                 return out
             uncond, text = out.chunk(2)
@@ -247,10 +265,16 @@ class Pipeline:
         # any image of a batch is the image made alone.
         generators = [torch.Generator().manual_seed(s) for s in request.seeds[part]]
         first = self._start(request, part, generators)
-        denoise = Denoiser(self._model_fn(cond, request.guidance, cfg, cache, first.extra), self.scheduler)
         ays = "sd15" if self.unet.cfg.addition_time_embed_dim is None else "sdxl"  # Align Your Steps' list
         begin, end = samplers.cut(request.sampler, self.scheduler, request.steps, request.karras,
                                   request.denoising_start, request.denoising_end, request.sigma_schedule, ays)
+        steer = None
+        if request.control is not None:  # the guidance windows count the steps that run
+            run = samplers.schedule_of(request.sampler, self.scheduler, request.steps, request.karras,
+                                       request.sigma_schedule, ays).timesteps[max(first.step, begin):end]
+            steer = control.Steering(self.controls, request.control, run.tolist(), len(generators), cfg, self.device,
+                                     self.dtype)
+        denoise = Denoiser(self._model_fn(cond, request.guidance, cfg, cache, first.extra, steer), self.scheduler)
         z = samplers.run(request.sampler, denoise, first.noise, self.scheduler, request.steps, karras=request.karras,
                          sigma_schedule=request.sigma_schedule, ays_model=ays, eta=request.eta, generator=generators,
                          callback=callback, progress=progress,
@@ -297,6 +321,9 @@ class Pipeline:
             raise FewstepError(f"this UNet takes {self.unet.cfg.in_channels} input channels (an inpainting model): "
                                "give it image= and mask_image= to repaint, or use a 4-channel model")
         check(self.work(request), self.device)
+        control.check(self.controls, request.control)
+        if cache is not None and request.control is not None:
+            raise FewstepError("DeepCache does not combine with ControlNets / T2I-Adapters: leave out one of them")
         if request.edit is not None and first_step(request.steps, request.edit.strength) == request.steps:
             warnings.warn(f"strength {request.edit.strength:g} of {request.steps} steps runs no step: the image is "
                           "returned as it is", stacklevel=3)
@@ -314,12 +341,12 @@ class Pipeline:
                  crop_top_left: tuple[int, int] = (0, 0), target_size: tuple[int, int] | None = None,
                  output_type: str = "pil", image=None, mask_image=None, strength: float | None = None,
                  mask_blur: int = 0, invert_mask: bool = False, padding_mask_crop: int | None = None,
-                 overlay: bool = False, masked_content: str = "original",
-                 outpaint: tuple[int, int, int, int] | None = None, denoising_start: float | None = None,
-                 denoising_end: float | None = None, aesthetic_score: float = 6.0,
-                 negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
-                 sigma_schedule: str | None = None, callback: Callable | None = None, progress: bool = True,
-                 cache=None):
+                 overlay: bool = False, masked_content: str = "original", outpaint: tuple | None = None,
+                 denoising_start: float | None = None, denoising_end: float | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, clip_skip: int | None = None, sigma_schedule: str | None = None,
+                 control_image=None, controlnet_conditioning_scale: float | list = 1.0,
+                 control_guidance_start: float | list = 0.0, control_guidance_end: float | list = 1.0,
+                 guess_mode: bool = False, callback: Callable | None = None, progress: bool = True, cache=None):
         """Generate `num_images` images per prompt: PIL images (with A1111's `parameters` text in `.info`), or a
         [N, 3, H, W] tensor in [-1, 1] (output_type="pt"), or latents ("latent"). None: the model's default.
 
@@ -330,18 +357,21 @@ class Pipeline:
         meaning; A1111's "Clip skip: 2" is clip_skip=1). `sigma_schedule`: "karras", "exponential",
         "sgm_uniform" or "ays" spacing (docs/samplers.md). Editing (docs/editing.md): `image` at `strength`, with a
         `mask_image` to inpaint, A1111's `mask_blur`, `invert_mask`, `padding_mask_crop`, `overlay`,
-        `masked_content`, and `outpaint=(left, right, top, bottom)`. `callback(i, x, denoised, sigma)`
-        sees every step; `cache.wrap(unet)` stands in for the UNet for one generation (DeepCache)."""
+        `masked_content`, `outpaint=(left, right, top, bottom)`. ControlNet / T2I-Adapter (docs/controlnet.md): one
+        `control_image` per loaded model, `controlnet_conditioning_scale`, `control_guidance_start` / `_end`,
+        `guess_mode`. `callback(i, x, denoised, sigma)` sees every step; `cache.wrap(unet)` stands in for the UNet."""
         request = resolve(self.defaults, prompt, negative_prompt, steps=steps, guidance=guidance, sampler=sampler,
                           seed=seed, width=width, height=height, num_images=num_images, batch_size=batch_size,
                           latents=latents, karras=karras, eta=eta, original_size=original_size,
-                          crop_top_left=crop_top_left, target_size=target_size, output_type=output_type,
-                          image=image, mask_image=mask_image, strength=strength, mask_blur=mask_blur,
-                          invert_mask=invert_mask, padding_mask_crop=padding_mask_crop, overlay=overlay,
-                          masked_content=masked_content, outpaint=outpaint, denoising_start=denoising_start,
-                          denoising_end=denoising_end, aesthetic_score=aesthetic_score,
-                          negative_aesthetic_score=negative_aesthetic_score, clip_skip=clip_skip,
-                          sigma_schedule=sigma_schedule)
+                          crop_top_left=crop_top_left, target_size=target_size, output_type=output_type, image=image,
+                          mask_image=mask_image, strength=strength, mask_blur=mask_blur, invert_mask=invert_mask,
+                          padding_mask_crop=padding_mask_crop, overlay=overlay, masked_content=masked_content,
+                          outpaint=outpaint, denoising_start=denoising_start, denoising_end=denoising_end,
+                          aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score,
+                          clip_skip=clip_skip, sigma_schedule=sigma_schedule, control_image=control_image,
+                          controlnet_conditioning_scale=controlnet_conditioning_scale,
+                          control_guidance_start=control_guidance_start, control_guidance_end=control_guidance_end,
+                          guess_mode=guess_mode)
         return self.generate(request, callback=callback, progress=progress, cache=cache)
 
 

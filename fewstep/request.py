@@ -3,7 +3,7 @@
 `resolve` turns the caller's arguments (many optional) into a frozen `Request` in which nothing is
 left to decide: prompts repeated per image, one seed per image, steps, guidance and sampler filled in
 from the checkpoint's `Defaults`, sizes checked. The pipeline then only reads it, batch by batch.
-Image-conditioned work, LoRA scales and control images become further fields here.
+Image-conditioned work, the prompts' LoRAs and control images (`control.Control`) are fields here too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .control import Control, prepare as prepare_control
 from .edits import FILLS, Edit, outpaint_canvas, prepare
 from .errors import FewstepError
 from .prompts import networks
@@ -67,6 +68,7 @@ class Request:
     loras: tuple[tuple[str, float], ...] = ()  # <lora:name:scale> tags of the prompts, loaded for this call
     clip_skip: int = 0  # text-encoder layers left out of the context (diffusers' meaning)
     sigma_schedule: str | None = None  # schedules.SIGMA_SCHEDULES: replaces the model's spacing (None: karras says)
+    control: Control | None = None  # ControlNet / T2I-Adapter inputs: images, scales, guidance windows, guess mode
 
     def batches(self) -> list[slice]:
         """The images of each model call, in order."""
@@ -155,20 +157,19 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
             padding_mask_crop: int | None = None, overlay: bool = False, masked_content: str = "original",
             outpaint: tuple[int, int, int, int] | None = None, denoising_start: float | None = None,
             denoising_end: float | None = None, aesthetic_score: float = 6.0,
-            negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
-            sigma_schedule: str | None = None) -> Request:
+            negative_aesthetic_score: float = 2.5, clip_skip: int | None = None, sigma_schedule: str | None = None,
+            control_image=None, controlnet_conditioning_scale: float | list = 1.0,
+            control_guidance_start: float | list = 0.0, control_guidance_end: float | list = 1.0,
+            guess_mode: bool = False) -> Request:
     """The Request for these arguments of `Pipeline.__call__` (see there), with `defaults` for what is None."""
-    handoff = None
-    if denoising_start is not None:
-        handoff, width, height = _handoff(image, denoising_start, denoising_end, width, height)
-        image = None
-    if outpaint is not None:
-        if image is None or mask_image is not None:
-            raise FewstepError("outpaint needs an image (image=...) and makes its own mask (no mask_image)")
-        image, mask_image = outpaint_canvas(image, *outpaint)
-        overlay = True  # the original's pixels are kept exactly; only the margins (and the seam) are new
+    handoff, image, width, height = _handoff(image, denoising_start, denoising_end, width, height)
+    image, mask_image, overlay = _outpaint(image, mask_image, outpaint, overlay)
     edit, width, height = _edit(image, mask_image, strength, width, height, mask_blur, invert_mask,
                                 padding_mask_crop, overlay, masked_content)
+    if control_image is not None and padding_mask_crop is not None:
+        raise FewstepError("padding_mask_crop does not combine with control_image: inpaint the whole image")
+    control, width, height = prepare_control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                             control_guidance_end, guess_mode, width, height)
     width, height = (defaults.size if width is None else width), (defaults.size if height is None else height)
     check_size(width, height, defaults.size)
     _check_kinds(num_images, batch_size, output_type, karras, latents)
@@ -184,7 +185,18 @@ def resolve(defaults: Defaults, prompt, negative_prompt=None, *, steps: int | No
                    _pair(target_size, "target_size", (height, width)), output_type, latents, edit,
                    _fraction(denoising_end, "denoising_end"), denoising_start, handoff,
                    _number(aesthetic_score, "aesthetic_score"), _number(negative_aesthetic_score, "negative_aesthetic_score"),
-                   loras, _whole(clip_skip or 0, "clip_skip", 0), _sigma_schedule(sigma_schedule, karras, sampler))
+                   loras, _whole(clip_skip or 0, "clip_skip", 0), _sigma_schedule(sigma_schedule, karras, sampler),
+                   control)
+
+
+def _outpaint(image, mask_image, outpaint, overlay: bool) -> tuple:
+    """(image, mask, overlay) of an outpainting: the grown canvas and the mask of its margins (`edits`)."""
+    if outpaint is None:
+        return image, mask_image, overlay
+    if image is None or mask_image is not None:
+        raise FewstepError("outpaint needs an image (image=...) and makes its own mask (no mask_image)")
+    # the original's pixels are kept exactly (overlay); only the margins (and the seam) are new
+    return *outpaint_canvas(image, *outpaint), True
 
 
 def _sigma_schedule(value, karras: bool | None, sampler: str) -> str | None:
@@ -219,8 +231,11 @@ def _fraction(value, name: str) -> float | None:
     return value
 
 
-def _handoff(latents, denoising_start, denoising_end, width, height) -> tuple[torch.Tensor, int, int]:
-    """The latents a base left (`output_type="latent"` with `denoising_end`), taken up at `denoising_start`."""
+def _handoff(latents, denoising_start, denoising_end, width, height) -> tuple:
+    """(handoff, image, width, height): the latents a base left (`output_type="latent"` with `denoising_end`),
+    taken up at `denoising_start` instead of an image; without denoising_start, the image as it is."""
+    if denoising_start is None:
+        return None, latents, width, height
     _fraction(denoising_start, "denoising_start")
     if denoising_end is not None and denoising_end <= denoising_start:
         raise FewstepError(f"denoising_end={denoising_end} must come after denoising_start={denoising_start}")
@@ -228,7 +243,7 @@ def _handoff(latents, denoising_start, denoising_end, width, height) -> tuple[to
         raise FewstepError("denoising_start continues from latents: pass a base's output_type='latent' result "
                            "(a [N, C, h, w] tensor) as image=")
     h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
-    return latents.float(), width or w, height or h
+    return latents.float(), None, width or w, height or h
 
 
 def _check_kinds(num_images, batch_size, output_type, karras, latents) -> None:

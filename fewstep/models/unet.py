@@ -163,15 +163,22 @@ class DownBlock(nn.Module):
         last = level == len(boc) - 1
         self.downsamplers = nn.ModuleList([] if last else [Downsample2D(c)])
 
-    def forward(self, x, temb, context, skips: list[torch.Tensor], token_downsample: int = 1) -> torch.Tensor:
+    def forward(self, x, temb, context, skips: list[torch.Tensor], token_downsample: int = 1,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`residual`: a T2I-Adapter's features, added where diffusers adds them: after the last resnet +
+        transformer of a level with attention, else to the block's output (its last skip too)."""
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions:
                 x = self.attentions[j](x, context, token_downsample)
+                if residual is not None and j == len(self.resnets) - 1:
+                    x = x + residual
             skips.append(x)
         for down in self.downsamplers:
             x = down(x)
             skips.append(x)
+        if residual is not None and not self.attentions:
+            x = skips[-1] = x + residual
         return x
 
 
@@ -223,6 +230,23 @@ class UpBlock(nn.Module):
         return x
 
 
+def embed_time(cfg: UNetConfig, time_embedding: TimestepEmbedding, add_embedding: TimestepEmbedding | None,
+               x, t, text_embeds, time_ids, timestep_cond) -> torch.Tensor:
+    """The [B, 4 * C0] embedding every resnet of a UNet (or of a ControlNet, its copy of the down path)
+    receives: timestep (+ LCM guidance) (+ SDXL size/crop)."""
+    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # [B]
+    feats = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    emb = time_embedding(feats.to(x.dtype), timestep_cond)  # [B, 4 * C0]
+    if add_embedding is None:
+        return emb
+    if text_embeds is None or time_ids is None:
+        raise FewstepError("this UNet (SDXL-style) needs text_embeds (pooled text) and time_ids (size/crop)")
+    ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                             cfg.freq_shift).reshape(text_embeds.shape[0], -1)  # [B, 6 * 256]
+    add = torch.cat([text_embeds.to(emb.dtype), ids.to(emb.dtype)], dim=-1)  # [B, 1280 + 1536]
+    return emb + add_embedding(add)
+
+
 class UNet(nn.Module):
     """UNet2DConditionModel: predicts noise (or v / x0, per the scheduler) from a noisy latent x,
     timesteps t and text context; SDXL also takes pooled text_embeds and size/crop time_ids."""
@@ -243,41 +267,44 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
 
     def time_embed(self, x, t, text_embeds, time_ids, timestep_cond) -> torch.Tensor:
-        """The [B, 4 * C0] embedding every resnet receives: timestep (+ LCM guidance) (+ SDXL size/crop)."""
-        cfg = self.cfg
-        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # [B]
-        feats = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(feats.to(x.dtype), timestep_cond)  # [B, 4 * C0]
-        if self.add_embedding is None:
-            return emb
-        if text_embeds is None or time_ids is None:
-            raise FewstepError("this UNet (SDXL-style) needs text_embeds (pooled text) and time_ids (size/crop)")
-        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
-                                 cfg.freq_shift).reshape(text_embeds.shape[0], -1)  # [B, 6 * 256]
-        add = torch.cat([text_embeds.to(emb.dtype), ids.to(emb.dtype)], dim=-1)  # [B, 1280 + 1536]
-        return emb + self.add_embedding(add)
+        return embed_time(self.cfg, self.time_embedding, self.add_embedding, x, t, text_embeds, time_ids,
+                          timestep_cond)
 
-    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, token_downsample: int = 1
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, token_downsample: int = 1,
+               intrablock: list[torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """The first half of `forward`: conv_in, the down blocks, the mid block. Returns the mid block's
         output, the skips the up path eats, and each down block's output (the features a latent
-        discriminator reads, train/distill.py)."""
+        discriminator reads, train/distill.py). `intrablock`: T2I-Adapter features, one per down block
+        in order, and one more after the mid block where its shape matches (SDXL adapters), as diffusers."""
         x = self.conv_in(x)
         skips, outputs = [x], []  # the down path pushes, the up path pops
+        extra = list(intrablock or ())
         for block in self.down_blocks:
-            x = block(x, emb, context, skips, token_downsample)
+            x = block(x, emb, context, skips, token_downsample, extra.pop(0) if extra else None)
             outputs.append(x)
         if self.mid_block is not None:
             x = self.mid_block(x, emb, context, token_downsample)
+            if extra and extra[0].shape == x.shape:
+                x = x + extra.pop(0)
         return x, skips, outputs
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
-                timestep_cond: torch.Tensor | None = None, token_downsample: int = 1) -> torch.Tensor:
+                timestep_cond: torch.Tensor | None = None, token_downsample: int = 1,
+                down_block_additional_residuals: list[torch.Tensor] | None = None,
+                mid_block_additional_residual: torch.Tensor | None = None,
+                down_intrablock_additional_residuals: list[torch.Tensor] | None = None) -> torch.Tensor:
         """`token_downsample`: ToDo (Smith et al. 2024), an approximation: the highest-resolution
-        self-attention takes keys / values from F x F-pooled tokens (1: off, the exact model)."""
+        self-attention takes keys / values from F x F-pooled tokens (1: off, the exact model). The residuals
+        are diffusers' arguments of the same names: a ControlNet's, added to each skip and to the mid block's
+        output; a T2I-Adapter's, added inside the down path (`encode`)."""
         emb = self.time_embed(x, t, text_embeds, time_ids, timestep_cond)
-        x, skips, _ = self.encode(x, emb, context, token_downsample)
+        x, skips, _ = self.encode(x, emb, context, token_downsample, down_intrablock_additional_residuals)
+        if down_block_additional_residuals is not None:
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals, strict=True)]
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
         for block in self.up_blocks:
             x = block(x, emb, context, skips, token_downsample)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
