@@ -50,19 +50,23 @@ class Settings:
 
 def create_app(model: str | Path | Pipeline | None = None, models_dir: str | Path | None = None,
                lora_dir: str | Path | None = None, api_auth: str | None = None, queue: int = 4,
-               max_work: int = MAX_WORK, max_body: int = MAX_BODY, outdir: str | Path | None = None) -> FastAPI:
+               max_work: int = MAX_WORK, max_body: int = MAX_BODY, outdir: str | Path | None = None,
+               batch: int = 8) -> FastAPI:
     """The app serving `model` (a loaded Pipeline, a name from `models_dir`, a path or hub id; None: the
     built-in shapes-turbo). `api_auth`: "user:pass" (several comma-separated) required on every path.
     `queue`: requests that may wait behind the running one (more: 503). `max_work`: the largest
-    width x height x images x steps of one request. `max_body`: bytes. `outdir`: where save_images writes."""
+    width x height x images x steps of one request. `max_body`: bytes. `outdir`: where save_images writes.
+    `batch`: images per model call when waiting txt2img requests of the same settings run together (1: never)."""
     if not 0 <= queue <= MAX_QUEUE:
         raise FewstepError(f"queue={queue} must be from 0 to {MAX_QUEUE}")
+    if not 1 <= batch <= 64:
+        raise FewstepError(f"batch={batch} must be from 1 to 64")
     users = _credentials(api_auth)  # checked before the model loads
     models_dir = None if models_dir is None else Path(models_dir)
     pipe, title = _load(model, models_dir)
     pipe.lora_dir = None if lora_dir is None else Path(lora_dir)
     app = FastAPI(title="fewstep", version=__version__, description="AUTOMATIC1111-compatible API (docs/serving.md)")
-    app.state.serve = Settings(Worker(pipe, title, queue), models_dir, pipe.lora_dir, max_work,
+    app.state.serve = Settings(Worker(pipe, title, queue, batch), models_dir, pipe.lora_dir, max_work,
                                None if outdir is None else Path(outdir))
     app.include_router(router)
     app.include_router(page)

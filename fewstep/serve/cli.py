@@ -35,6 +35,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    "(several pairs separated by commas), as A1111's --api-auth")
     p.add_argument("--queue", type=int, default=4, metavar="N", help=f"requests that may wait behind the running "
                    f"one, 0 to {MAX_QUEUE} (default 4); more get 503")
+    p.add_argument("--batch", type=int, default=8, metavar="N", help="txt2img requests of the same settings that "
+                   "wait together run as one batch of up to N images (default 8; 1: one request at a time)")
     p.add_argument("--max-work", type=int, default=MAX_WORK, metavar="N", help="largest width x height x images x "
                    f"steps of one request (default {MAX_WORK})")
     p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES", help=f"largest request body "
@@ -61,7 +63,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise FewstepError(f"--port {a.port} must be from 1 to 65535")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     app = app_module.create_app(a.model, a.models_dir, a.lora_dir, a.api_auth, a.queue, a.max_work, a.max_body,
-                                a.outdir)
+                                a.outdir, a.batch)
     host = f"[{a.host}]" if ":" in a.host else a.host
     print(f"fewstep serve: {app.state.serve.worker.title} at http://{host}:{a.port}/ (API: /sdapi/v1, its docs: "
           f"/docs{'; basic auth on' if a.api_auth else ''})", flush=True)

@@ -16,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..errors import FewstepError
 from ..outputs import plan, save_image
+from ..prompts import networks
 from ..request import resolve
 from ..samplers import spec
 from ..start import first_step
@@ -66,13 +67,23 @@ def plan_calls(kwargs: dict, worker: Worker, max_work: int) -> tuple[list[dict],
     return [{**kwargs, "seed": request.seeds[i]} for i in range(0, len(request.prompts), request.batch_size)], request
 
 
+def batch_key(req: Txt2Img, calls: list[dict]) -> str | None:
+    """What txt2img requests must share to run in one batch: every setting but the prompt and seed, and the
+    prompt's LoRA tags (LoRAs apply to a whole call). None: this request runs alone (img2img, n_iter > 1)."""
+    if isinstance(req, Img2Img) or len(calls) != 1:
+        return None
+    settings = {k: v for k, v in calls[0].items() if k not in ("prompt", "seed", "num_images", "batch_size")}
+    return json.dumps([settings, networks(calls[0]["prompt"])], sort_keys=True, default=str)
+
+
 def run(req: Txt2Img, body: dict, worker: Worker, max_work: int, outdir: Path | None,
         gone: threading.Event | None = None) -> tuple[dict, str]:
     """The response of a generation request, and a one-line summary for the log. `gone`: set when the
     client disconnects, which stops the request as /interrupt would."""
     calls, request = plan_calls(arguments(req), worker, max_work)
     steps = request.steps - (first_step(request.steps, request.edit.strength) if request.edit else 0)
-    images, stopped = worker.generate(calls, steps, "img2img" if isinstance(req, Img2Img) else "txt2img", gone)
+    images, stopped = worker.generate(calls, steps, "img2img" if isinstance(req, Img2Img) else "txt2img", gone,
+                                      batch_key(req, calls))
     saved = [] if not req.save_images or outdir is None else \
         [str(save_image(im, p)) for im, p in zip(images, plan(outdir, list(request.seeds[:len(images)])))]
     skipped = sorted(ignored(body, req) + (["save_images"] if req.save_images and outdir is None else []))

@@ -35,9 +35,9 @@ def test_sixteen_clients_every_request_answered_none_lost(pipe):
     statuses = Counter(a.status for a in answers)
     assert statuses[200] + statuses[503] == 48 and statuses[200] >= 3 and statuses[503] >= 8, statuses
     made = [a for a in answers if a.status == 200]
-    for a in made[:: max(1, len(made) // 3)]:  # a few of them against the Python API
+    for a in made[:: max(1, len(made) // 3)]:  # a few of them against the Python API (batched: within 1/255)
         b = serve_load.body(a.index)
-        want = np.asarray(pipe(b["prompt"], seed=b["seed"], progress=False)[0].convert("RGB"))
-        assert np.array_equal(np.asarray(serve_load.decode(a.png).convert("RGB")), want), a.index
+        want = np.asarray(pipe(b["prompt"], seed=b["seed"], progress=False)[0].convert("RGB"), np.int16)
+        assert np.abs(np.asarray(serve_load.decode(a.png).convert("RGB"), np.int16) - want).max() <= 1, a.index
     assert after.status_code == 200 and len(after.json()["images"]) == 1 and idle["job_count"] == 0
     assert took < 25
