@@ -295,3 +295,21 @@ def test_a_truncated_single_file_is_refused(tiny, tmp_path):
     save_file(sd, tmp_path / "cut.safetensors")
     with pytest.raises(FewstepError, match=r"1 missing keys: controlnet_mid_block.weight"):
         fewstep.load(tiny["sd1"][0], controlnet=tmp_path / "cut.safetensors")
+
+
+# ---- fewstep inspect ----
+def test_inspect_shows_a_controlnet_beside_its_unet(tiny):
+    from fewstep.inspect.controlnet import is_control, report, rows
+    folder, ref, paths, nets = tiny["sdxl"]
+    assert is_control(paths[0]) and not is_control(folder)
+    what, parts = rows(paths[0])
+    by = {r["part"]: r for r in parts}
+    assert sum(r["parameters"] or 0 for r in parts) == sum(p.numel() for p in nets[0].parameters())
+    assert sum(r["unet"] or 0 for r in parts) == sum(p.numel() for p in ref.unet.parameters())
+    for i, block in enumerate(ref.unet.down_blocks):  # the copied blocks: the UNet's own, parameter for parameter
+        assert by[f"down_blocks.{i}"]["parameters"] == by[f"down_blocks.{i}"]["unet"] == sum(
+            p.numel() for p in block.parameters())
+    assert by["controlnet_cond_embedding"]["unet"] is None and by["up_blocks.0"]["parameters"] is None
+    assert "cross_attention_dim 64, SDXL add-embedding" in what
+    text = report(paths[0])
+    assert f"{sum(p.numel() for p in nets[0].parameters()):,}" in text and "controlnet_mid_block" in text

@@ -136,3 +136,13 @@ def test_an_adapter_and_a_controlnet_steer_together(tiny, tmp_path):
     alone = pipe(PROMPT, **{**kw, "control_image": control_image()})
     torch.testing.assert_close(no_net, alone, rtol=0, atol=0)
     assert (both - alone).abs().mean() > 0.01
+
+
+@pytest.mark.parametrize("kind", ["light", "xl"])
+def test_inspect_shows_an_adapter_and_its_features(tiny, kind):
+    from fewstep.inspect.controlnet import report, rows
+    _, adapters = tiny
+    what, parts = rows(adapters[kind][0])
+    assert sum(r["parameters"] for r in parts) == sum(p.numel() for p in adapters[kind][1].parameters())
+    assert what.endswith({"light": "32@/8, 64@/16, 64@/32", "xl": "32@/16, 64@/16"}[kind])
+    assert f"{sum(r['parameters'] for r in parts):,}" in report(adapters[kind][0])

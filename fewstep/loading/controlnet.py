@@ -68,7 +68,8 @@ def _resolve(path: str | Path, variant: str | None) -> Path:
 def check_controlnet(cfg: ControlNetConfig, base: UNetConfig, name: str) -> None:
     """One line when a ControlNet was made for another base model (other widths, text width or add-embedding)."""
     u = cfg.unet
-    mine = (u.block_out_channels, u.layers_per_block, u.cross_attention_dim, u.projection_class_embeddings_input_dim)
+    mine = (u.block_out_channels, u.layers_per_block, u.cross_attention_dim,
+            u.projection_class_embeddings_input_dim)
     theirs = (base.block_out_channels, base.layers_per_block, base.cross_attention_dim,
               base.projection_class_embeddings_input_dim)
     if mine != theirs or u.in_channels != base.out_channels:
@@ -172,7 +173,8 @@ def _attention(shapes: dict, base: UNetConfig) -> tuple[tuple[bool, ...], tuple[
         block += layers + 1
     mid = _count(shapes, "middle_block.1.transformer_blocks.{}.norm1.weight")
     if depth[-1] and mid != depth[-1]:
-        raise FewstepError(f"unsupported ControlNet: mid-block depth {mid} differs from the deepest level's {depth[-1]}")
+        raise FewstepError(f"unsupported ControlNet: mid-block depth {mid} differs from the deepest level's "
+                           f"{depth[-1]}")
     return tuple(d > 0 for d in depth), tuple(d or 1 for d in depth[:-1]) + (mid or depth[-1] or 1,)
 
 

@@ -41,7 +41,8 @@ class AdapterConfig:
     def from_diffusers(cls, d: dict) -> AdapterConfig:
         kind = d.get("adapter_type", "full_adapter")
         if kind not in ADAPTER_TYPES:
-            raise FewstepError(f"T2IAdapter config: adapter_type {kind!r} is not supported (supported: {ADAPTER_TYPES})")
+            raise FewstepError(f"T2IAdapter config: adapter_type {kind!r} is not supported "
+                               f"(supported: {ADAPTER_TYPES})")
         ch = tuple(d.get("channels", (320, 640, 1280, 1280)))
         cin, factor = d.get("in_channels", 3), d.get("downscale_factor", 8)
         if kind == "full_adapter":
