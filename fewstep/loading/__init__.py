@@ -7,6 +7,8 @@
 - `weights`: reading safetensors / (consented) pickles, strict key and shape checks, meta-device build;
 - `dtypes`: which precision each part is kept in on which device;
 - `lora`: LoRA files of every common layout, read into one form (`fewstep.adapters` applies them).
+- `controlnet`: ControlNets and T2I-Adapters (diffusers folders, original single-file ControlNets), each
+  checked against the UNet it will steer.
 """
 
 from __future__ import annotations
