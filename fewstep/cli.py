@@ -20,6 +20,8 @@ from .bench.harness import SCHEMES, Options, Settings, parse_cache, run_bench
 from .bench.report import table
 from .errors import FewstepError
 from .inspect.compare import compare, render_compare
+from .inspect.controlnet import is_control
+from .inspect.controlnet import report as control_report
 from .inspect.lora import is_lora
 from .inspect.lora import report as lora_report
 from .inspect.measure import inspect_model
@@ -65,6 +67,17 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "the tokenizers and configs to use")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading .ckpt/.pt pickle files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _network_args(p.add_argument_group("LoRAs, embeddings, the text encoder (docs/lora.md, docs/prompts.md)"))
+    _edit_args(p.add_argument_group("image to image, inpainting, outpainting (docs/editing.md)"))
+    _control_args(p.add_argument_group("ControlNet and T2I-Adapter (docs/controlnet.md)"))
+    speed = p.add_argument_group("speed options (docs/BENCHMARKS.md)")
+    speed.add_argument("--decoder", default=None, help="tiny (TAESD from the hub), a TAESD folder, or full")
+    speed.add_argument("--token-downsample", type=int, default=None, metavar="F",
+                       help="ToDo: self-attention keys/values from FxF-pooled tokens at the highest resolution")
+    _quantize_args(speed)
+
+
+def _network_args(p) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="a LoRA file (diffusers / "
                    "PEFT or kohya / A1111) at SCALE (default 1); repeat to stack several (docs/lora.md)")
     p.add_argument("--embedding", action="append", default=[], metavar="PATH", help="a textual-inversion embedding; "
@@ -73,12 +86,6 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
                    "name.safetensors")
     p.add_argument("--clip-skip", type=int, default=None, metavar="N", help="leave the text encoder's last N layers "
                    "out (diffusers' clip_skip; A1111's 'Clip skip: 2' is --clip-skip 1)")
-    _edit_args(p.add_argument_group("image to image, inpainting, outpainting (docs/editing.md)"))
-    speed = p.add_argument_group("speed options (docs/BENCHMARKS.md)")
-    speed.add_argument("--decoder", default=None, help="tiny (TAESD from the hub), a TAESD folder, or full")
-    speed.add_argument("--token-downsample", type=int, default=None, metavar="F",
-                       help="ToDo: self-attention keys/values from FxF-pooled tokens at the highest resolution")
-    _quantize_args(speed)
 
 
 def _edit_args(p) -> None:
@@ -95,6 +102,26 @@ def _edit_args(p) -> None:
     p.add_argument("--masked-content", default="original", choices=FILLS, help="what the masked area starts from")
     p.add_argument("--outpaint", default=None, metavar="L,R,T,B", help="grow the canvas by these margins (pixels, "
                    "rounded up to multiples of 8) and paint them")
+
+
+def _control_args(p) -> None:
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH[:SCALE]", help="a ControlNet or "
+                   "T2I-Adapter (diffusers folder, original .safetensors file or hub id) at SCALE (default 1); "
+                   "repeatable, each with its --control-image in the same order")
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE", help="the control image (edges, "
+                   "pose, depth ... as the model expects it; resized to the output size)")
+    p.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
+    p.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control stops")
+    p.add_argument("--guess-mode", action="store_true", help="the control steers the prompt's half only "
+                   "(sd-webui-controlnet's 'ControlNet is more important')")
+
+
+def _controls(a: argparse.Namespace) -> tuple[list, list[float]]:
+    """(control images, scales) of --controlnet / --control-image, checked before the model loads."""
+    if len(a.control_image) != len(a.controlnet):
+        raise FewstepError(f"{len(a.controlnet)} --controlnet and {len(a.control_image)} --control-image: give one "
+                           "control image per control model, in the same order")
+    return [load_image(path) for path in a.control_image], [lora_arg(text)[1] for text in a.controlnet]
 
 
 def _outpaint(text: str | None) -> tuple[int, int, int, int] | None:
@@ -121,6 +148,8 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if (a.prompt is None) == (a.from_file is None):
         raise FewstepError("give a prompt or --from-file FILE (one of them)")
     if a.from_file is not None:
+        if a.controlnet:
+            raise FewstepError("--controlnet applies to one prompt; --from-file runs do not take control images yet")
         report = generate_rows(a, _pipeline)
         return say(summary(report, a.output)) if report else None
     if batch_size(a.batch_size) == "auto":
@@ -130,13 +159,17 @@ def cmd_generate(a: argparse.Namespace) -> None:
     outpaint = _outpaint(a.outpaint)
     image = None if a.image is None else load_image(a.image)  # unreadable inputs are refused before loading too
     mask = None if a.mask is None else load_mask(a.mask)
+    control_images, control_scales = _controls(a)
     pipe = _pipeline(a)
     request = resolve(pipe.defaults, a.prompt, a.negative_prompt, steps=a.steps, guidance=a.guidance,
                       sampler=a.sampler, karras=a.karras, seed=seeds[0], width=a.width, height=a.height,
                       num_images=a.num_images, batch_size=batch_size(a.batch_size), image=image, mask_image=mask,
                       strength=a.strength, mask_blur=a.mask_blur, invert_mask=a.invert_mask,
                       padding_mask_crop=a.inpaint_only_masked, overlay=a.overlay, masked_content=a.masked_content,
-                      outpaint=outpaint, clip_skip=a.clip_skip, sigma_schedule=a.sigma_schedule)
+                      outpaint=outpaint, clip_skip=a.clip_skip, sigma_schedule=a.sigma_schedule,
+                      control_image=control_images or None, controlnet_conditioning_scale=control_scales or 1.0,
+                      control_guidance_start=a.control_start, control_guidance_end=a.control_end,
+                      guess_mode=a.guess_mode)
     if pipe.defaults.prompt_grammar == "shapes":
         warn_outside_grammar(a.prompt)
     images = pipe.generate(request, progress=not a.quiet)
@@ -155,6 +188,8 @@ def _pipeline(a: argparse.Namespace):
     pipe.lora_dir = a.lora_dir
     for path in a.embedding:
         pipe.load_embedding(path, allow_pickle=a.allow_pickle)
+    if a.controlnet:
+        pipe.load_controlnet([lora_arg(text)[0] for text in a.controlnet], allow_pickle=a.allow_pickle)
     if a.quantize:
         quantize(pipe, a.quantize, _parts(a.quantize_parts))
     return pipe
@@ -172,7 +207,7 @@ def warn_outside_grammar(prompt: str) -> None:
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a built-in architecture (sd15, sd21-base, sd-turbo, sdxl-base, sdxl-turbo, "
                    "sdxs-512, taesd; no weights needed), a shipped model, a diffusers folder, a .safetensors "
-                   "checkpoint, a LoRA file or a hub id (only configs and headers are read)")
+                   "checkpoint, a LoRA file, a ControlNet / T2I-Adapter folder or a hub id (only configs and headers are read)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"], help="for activation sizes")
@@ -187,8 +222,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 def cmd_inspect(a: argparse.Namespace) -> None:
     if a.depth is not None and a.depth < 1:
         raise FewstepError(f"--depth must be at least 1, got {a.depth}")
-    if is_lora(Path(a.model)):
-        text = lora_report(a.model, a.format)
+    if is_lora(Path(a.model)) or is_control(Path(a.model)):
+        text = (lora_report if is_lora(Path(a.model)) else control_report)(a.model, a.format)
         return Path(a.output).write_text(text, encoding="utf-8") if a.output else sys.stdout.write(text)
     report = inspect_model(a.model, a.resolution, a.batch, a.dtype, a.steps)
     if a.compare:

@@ -133,6 +133,8 @@ class Pipeline:
         paths = list(path) if isinstance(path, (list, tuple)) else [path]
         models = [load_control(p, self.unet.cfg, device=self.device, dtype=self.dtype, variant=variant,
                                allow_pickle=allow_pickle, vae_scale=self.vae_scale) for p in paths]
+        for model, p in zip(models, paths):
+            model.title = Path(str(p)).stem if Path(str(p)).is_file() else Path(str(p)).name  # for the infotext
         self.controls.extend(models)
         return len(self.controls)
 
@@ -292,7 +294,8 @@ class Pipeline:
         name = samplers.spec(request.sampler).a1111 or request.sampler
         loras = {lora.name: lora.hash for lora, _ in self.adapters.loras.values()}
         for i, image in zip(range(part.start, part.stop), out):
-            image.info["parameters"] = infotext(request, i, self.name, name, loras)  # A1111's text, for saving
+            image.info["parameters"] = infotext(request, i, self.name, name, loras,  # A1111's text, for saving
+                                                tuple(getattr(c, "title", "") for c in self.controls))
         return out
 
     def work(self, request: Request) -> Work:

@@ -277,9 +277,11 @@ def _edit(image, mask_image, strength, width, height, mask_blur, invert_mask, pa
                    fill=masked_content)
 
 
-def infotext(request: Request, i: int, model: str, sampler_name: str, loras: dict[str, str] | None = None) -> str:
+def infotext(request: Request, i: int, model: str, sampler_name: str, loras: dict[str, str] | None = None,
+             controls: tuple[str, ...] = ()) -> str:
     """A1111's "parameters" text of image i: the prompt, the negative prompt when there is one, then the
-    settings (`Steps: 4, Sampler: LCM, CFG scale: 0, Seed: 7, Size: 128x128, Model: shapes-turbo`)."""
+    settings (`Steps: 4, Sampler: LCM, CFG scale: 0, Seed: 7, Size: 128x128, Model: shapes-turbo`); with
+    control models (named `controls`), sd-webui-controlnet's "ControlNet N" fields."""
     lines = [request.prompts[i]]
     if request.negative is not None and request.negative[i]:
         lines.append(f"Negative prompt: {request.negative[i]}")
@@ -291,7 +293,21 @@ def infotext(request: Request, i: int, model: str, sampler_name: str, loras: dic
     settings += [f"Clip skip: {request.clip_skip + 1}"] if request.clip_skip else []
     if loras:  # A1111's field: "name: short hash" for each LoRA, quoted
         settings.append('Lora hashes: "' + ", ".join(f"{n}: {h}" for n, h in loras.items()) + '"')
-    return "\n".join(lines + [", ".join(settings + _edit_settings(request.edit))])
+    settings += _edit_settings(request.edit) + _control_settings(request, controls)
+    return "\n".join(lines + [", ".join(settings)])
+
+
+def _control_settings(request: Request, names: tuple[str, ...]) -> list[str]:
+    """sd-webui-controlnet's field per unit (no preprocessor: fewstep takes the control image as given;
+    diffusers resizes it to the generation size, the extension's "Just Resize"; guess mode is its
+    "ControlNet is more important")."""
+    c = request.control
+    if c is None:
+        return []
+    mode = "ControlNet is more important" if c.guess_mode else "Balanced"
+    return [f'ControlNet {k}: "Module: none, Model: {name}, Weight: {w:g}, Resize Mode: Just Resize, Guidance Start: '
+            f'{a:g}, Guidance End: {b:g}, Control Mode: {mode}"' for k, (name, w, a, b) in
+            enumerate(zip(names, c.scales, c.starts, c.ends))]
 
 
 def _edit_settings(edit: Edit | None) -> list[str]:
