@@ -116,23 +116,29 @@ def sample_scene(rng: np.random.Generator, n_objects: int | None = None, shapes=
 
 def render(scene: Scene, size: int = 128) -> np.ndarray:
     """The scene as a uint8 [size, size, 3] RGB array."""
+    return draw(scene, size, COLORS[scene.background], {o: COLORS[o.color] for o in scene.objects})
+
+
+def draw(scene: Scene, size: int, background: tuple[int, int, int], fills: dict) -> np.ndarray:
+    """The scene's shapes filled with `fills[obj]` on `background` (RGB), anti-aliased: uint8 [size, size, 3].
+    `render` draws the palette colours; control maps (control.py) draw silhouettes with it."""
     if size < MIN_SIZE:
         raise FewstepError(f"image size {size} is too small to draw shapes on: use {MIN_SIZE} or more (128 default)")
     big = size * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), COLORS[scene.background])
-    draw = ImageDraw.Draw(image)
+    image = Image.new("RGB", (big, big), background)
+    pen = ImageDraw.Draw(image)
     for obj in scene.objects:
         x0, y0, x1, y1 = (round(v * big) for v in obj.box())
-        fill = COLORS[obj.color]
+        fill = fills[obj]
         if obj.shape == "circle":
-            draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)  # PIL's boxes include their last pixel
+            pen.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)  # PIL's boxes include their last pixel
         elif obj.shape == "square":
-            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+            pen.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
         elif obj.shape == "triangle":  # isosceles, apex up, base = height = the size: a square bounding box too
-            draw.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+            pen.polygon([((x0 + x1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
         else:  # rectangle: the middle half of the box's height
             quarter = (y1 - y0) / 4
-            draw.rectangle((x0, round(y0 + quarter), x1 - 1, round(y1 - quarter) - 1), fill=fill)
+            pen.rectangle((x0, round(y0 + quarter), x1 - 1, round(y1 - quarter) - 1), fill=fill)
     return np.asarray(image.reduce(SUPERSAMPLE))
 
 
