@@ -16,8 +16,9 @@ from ..api import load
 from ..batch.rows import read_rows
 from ..batch.run import run_rows
 from ..loading.lora import lora_arg
+from ..shapes import control as control_study
 from ..shapes import edits as edit_study
-from ..shapes.caption import concept_prompts
+from ..shapes.caption import concept_prompts, sample_prompts
 from ..shapes.evaluate import failures
 from ..shapes.metrics import eval_set, evaluate, markdown, sample_grid
 from ..shapes.render import NEW_SHAPES
@@ -93,6 +94,11 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-overlay", action="store_true", help="--edits: inpaint without pasting the original back")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="score the model with this "
                    "LoRA loaded (repeatable)")
+    p.add_argument("--controlnet", default=None, metavar="DIR", help="score a ControlNet for the model instead: "
+                   "--n held-out scenes drawn with their control maps, full and colour-only prompts; the base "
+                   "model's accuracy without it beside (docs/controlnet.md)")
+    p.add_argument("--condition", default="layout", choices=control_study.CONDITIONS,
+                   help="--controlnet: the control map it was trained on (default layout)")
     p.add_argument("--new-shape", default=None, choices=NEW_SHAPES, help="score prompts with this shape the "
                    "shipped models never saw (a LoRA's concept; docs/lora.md) instead; no tiny-CLIP score")
 
@@ -111,6 +117,8 @@ def _eval_shapes(a: argparse.Namespace) -> None:
         pipe.load_lora(path, scale)
     if a.edits:
         return _eval_edits(pipe, a)
+    if a.controlnet:
+        return _eval_controlnet(pipe, a)
     steps = [int(s) for s in a.steps.split(",")] if a.steps else [pipe.defaults.steps]
     if a.new_shape:
         prompts, clip, reference = concept_prompts(a.seed, a.n, a.new_shape), None, None
@@ -139,4 +147,29 @@ def _eval_edits(pipe, a: argparse.Namespace) -> None:
     if a.grid:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
         edit_study.grid(made, painted).save(a.grid)
+        print(a.grid)
+
+
+CONTROL_SEED = 7_000_000  # held-out scenes: training draws its scenes from 63-bit hashes of (seed, step)
+
+
+def _eval_controlnet(pipe, a: argparse.Namespace) -> None:
+    """The held-out cases without and with the ControlNet, and the base model's accuracy on the eval set
+    before loading it and after unloading it (the same: training never touches the base)."""
+    steps = int(a.steps) if a.steps else pipe.defaults.steps
+    cases, prompts = control_study.held_out(CONTROL_SEED + a.seed, a.n), sample_prompts(a.seed, a.n)
+    before, _ = evaluate(pipe, prompts, steps, a.seed)
+    plain, plain_images, maps = control_study.run(pipe, cases, a.condition, steps, a.seed, control=False)
+    pipe.load_controlnet(a.controlnet)
+    steered, images, _ = control_study.run(pipe, cases, a.condition, steps, a.seed)
+    pipe.unload_controlnet()
+    after, _ = evaluate(pipe, prompts, steps, a.seed)
+    name = Path(a.controlnet).name
+    print(control_study.markdown([(f"{pipe.name}, no control", plain), (f"{pipe.name} + {name}", steered)]))
+    print()
+    print(markdown([before], f"{pipe.name} before loading it"))
+    print(markdown([after], f"{pipe.name} after unloading it").splitlines()[-1])
+    if a.grid:
+        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
+        control_study.grid(cases, maps, images, plain_images).save(a.grid)
         print(a.grid)

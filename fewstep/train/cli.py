@@ -22,16 +22,20 @@ import os
 import sys
 
 from ..errors import FewstepError
+from .controlnet import train_controlnet
 from .lora import train_lora
 from .recipe import ONE_PROCESS, STAGES, TEACHER_STAGES, run_all, run_stage
 
 
 def _args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=(*STAGES, "all", "lora"), help="one stage, or all of them in order; lora: a LoRA "
-                   "for --base from the images and captions in --data (docs/lora.md)")
+    p.add_argument("stage", choices=(*STAGES, "all", "lora", "controlnet"), help="one stage, or all of them in "
+                   "order; lora: a LoRA for --base from the images and captions in --data (docs/lora.md); controlnet: "
+                   "a ControlNet for --base on --condition maps of shapes scenes (docs/controlnet.md)")
     p.add_argument("--out", required=True, help="run folder: every stage reads and writes here (lora: the "
                    ".safetensors file to write; its checkpoints and logs go to OUT.train/ beside it)")
-    p.add_argument("--base", default=None, help="lora: the model to adapt (default: the built-in model)")
+    p.add_argument("--base", default=None, help="lora, controlnet: the model to adapt (default: the built-in model)")
+    p.add_argument("--condition", default=None, help="controlnet: the control map, layout (silhouettes) or canny "
+                   "(edges)")
     p.add_argument("--data", default=None, help="lora: a folder of images, each with a same-named .txt caption")
     p.add_argument("--rank", type=int, default=8, help="lora: the rank of each adapter (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="lora: its alpha (default: the rank, a scale of 1)")
@@ -92,6 +96,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "lora":
         return _lora(a)
+    if a.stage == "controlnet":
+        return _controlnet(a)
+    if a.condition is not None:
+        raise FewstepError("--condition is an option of the controlnet stage")
     if a.base is not None or a.data is not None or a.text_encoder:
         raise FewstepError("--base, --data and --text-encoder are options of the lora stage")
     if a.processes is not None and a.processes < 1:
@@ -138,6 +146,17 @@ def _lora(a: argparse.Namespace) -> None:
     report = train_lora(a.base, a.data, a.out, rank=a.rank, alpha=a.alpha, text_encoder=a.text_encoder,
                         steps=a.steps or 1000, batch=a.batch or 16, lr=a.lr or 1e-3, seed=a.seed, resume=a.resume,
                         stop_at=a.stop_at)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(report, indent=2))
+
+
+def _controlnet(a: argparse.Namespace) -> None:
+    if a.condition is None:
+        raise FewstepError("train controlnet needs --condition layout or --condition canny")
+    if a.data is not None or a.text_encoder:
+        raise FewstepError("--data and --text-encoder are options of the lora stage")
+    report = train_controlnet(a.base, a.condition, a.out, steps=a.steps or 2000, batch=a.batch or 16,
+                              lr=a.lr or 1e-4, seed=a.seed, resume=a.resume, stop_at=a.stop_at)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, indent=2))
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 STAGE_IDS = {"clip": 1, "vae": 2, "teacher": 3, "student": 4, "refine": 5, "pairs": 6, "pool": 7, "swap": 8,
-             "lora": 9}
+             "lora": 9, "controlnet": 10}
 
 
 def seed_for(seed: int, stage: str, step: int, rank: int = 0) -> int:
