@@ -29,6 +29,7 @@ from .inspect.report import render
 from .inspect.svg import write_diagram
 from .edits import FILLS, load_image, load_mask
 from .outputs import plan, save_image
+from .preprocess import PREPROCESSORS, preprocess
 from .request import resolve, seeds_for
 from .samplers import SAMPLERS
 from .schedules import SIGMA_SCHEDULES
@@ -110,6 +111,9 @@ def _control_args(p) -> None:
                    "repeatable, each with its --control-image in the same order")
     p.add_argument("--control-image", action="append", default=[], metavar="FILE", help="the control image (edges, "
                    "pose, depth ... as the model expects it; resized to the output size)")
+    p.add_argument("--control-preprocess", action="append", default=[], choices=PREPROCESSORS, metavar="MODULE",
+                   help="make the control image from a photo first: canny (OpenCV), invert, none; once for all "
+                   "or once per --control-image")
     p.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps where control starts")
     p.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps where control stops")
     p.add_argument("--guess-mode", action="store_true", help="the control steers the prompt's half only "
@@ -121,7 +125,13 @@ def _controls(a: argparse.Namespace) -> tuple[list, list[float]]:
     if len(a.control_image) != len(a.controlnet):
         raise FewstepError(f"{len(a.controlnet)} --controlnet and {len(a.control_image)} --control-image: give one "
                            "control image per control model, in the same order")
-    return [load_image(path) for path in a.control_image], [lora_arg(text)[1] for text in a.controlnet]
+    modules = a.control_preprocess * len(a.control_image) if len(a.control_preprocess) == 1 else a.control_preprocess
+    if modules and len(modules) != len(a.control_image):
+        raise FewstepError(f"{len(a.control_preprocess)} --control-preprocess for {len(a.control_image)} "
+                           "--control-image: give one for all, or one per image")
+    images = [load_image(path) for path in a.control_image]
+    images = [preprocess(m, im) for m, im in zip(modules, images)] if modules else images
+    return images, [lora_arg(text)[1] for text in a.controlnet]
 
 
 def _outpaint(text: str | None) -> tuple[int, int, int, int] | None:

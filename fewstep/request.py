@@ -298,16 +298,17 @@ def infotext(request: Request, i: int, model: str, sampler_name: str, loras: dic
 
 
 def _control_settings(request: Request, names: tuple[str, ...]) -> list[str]:
-    """sd-webui-controlnet's field per unit (no preprocessor: fewstep takes the control image as given;
+    """sd-webui-controlnet's field per unit (the preprocessor that made the image, "none" when given as is;
     diffusers resizes it to the generation size, the extension's "Just Resize"; guess mode is its
     "ControlNet is more important")."""
     c = request.control
     if c is None:
         return []
     mode = "ControlNet is more important" if c.guess_mode else "Balanced"
-    return [f'ControlNet {k}: "Module: none, Model: {name}, Weight: {w:g}, Resize Mode: Just Resize, Guidance Start: '
-            f'{a:g}, Guidance End: {b:g}, Control Mode: {mode}"' for k, (name, w, a, b) in
-            enumerate(zip(names, c.scales, c.starts, c.ends))]
+    modules = [im.info.get("control_module", "none") for im in c.images]  # set by fewstep.preprocess
+    return [f'ControlNet {k}: "Module: {module}, Model: {name}, Weight: {w:g}, Resize Mode: Just Resize, Guidance '
+            f'Start: {a:g}, Guidance End: {b:g}, Control Mode: {mode}"' for k, (module, name, w, a, b) in
+            enumerate(zip(modules, names, c.scales, c.starts, c.ends))]
 
 
 def _edit_settings(edit: Edit | None) -> list[str]:

@@ -19,7 +19,7 @@ SUBPACKAGES = ("models", "loading", "samplers", "speed", "inspect", "bench", "sh
                "scoring")
 # Third-party packages that may be imported inside a function: optional or heavy, needed by few paths.
 LAZY_ALLOWED = ("diffusers", "transformers", "torchao", "accelerate", "matplotlib", "huggingface_hub", "peft",
-                "uvicorn", "torchmetrics", "torch._dynamo", "torch._functorch", "torch._inductor")
+                "uvicorn", "torchmetrics", "cv2", "torch._dynamo", "torch._functorch", "torch._inductor")
 
 
 def module_name(path: Path) -> str:

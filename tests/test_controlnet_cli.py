@@ -67,3 +67,20 @@ def test_mistakes_are_one_line_errors_and_nothing_is_written(net_dir, edges, tmp
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_photo_through_canny_is_the_preprocessed_image(net_dir, tmp_path):
+    photo = tmp_path / "photo.png"
+    image = Image.new("RGB", (128, 128), (40, 80, 120))
+    ImageDraw.Draw(image).rectangle((30, 40, 90, 100), fill=(230, 210, 50))
+    image.save(photo)
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red square", "--controlnet", str(net_dir), "--control-image", str(photo),
+                 "--control-preprocess", "canny", "--output", str(out), "--quiet"]) == 0
+    from fewstep.preprocess import canny
+    want = fewstep.load(controlnet=net_dir)("a red square", control_image=canny(image), progress=False)[0]
+    got = Image.open(out)
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
+    assert 'ControlNet 0: "Module: canny, Model: edges-net, Weight: 1,' in got.info["parameters"]
+    assert main(["generate", "a red square", "--controlnet", str(net_dir), "--control-image", str(photo),
+                 "--control-preprocess", "canny", "--control-preprocess", "none", "--output", str(out)]) == 2
