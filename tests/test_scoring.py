@@ -145,3 +145,19 @@ def test_the_command_line(clip_dir, runs, tmp_path, capsys):
         (tmp_path / "c" / "compare.md").read_text()
     assert main(["eval", str(tmp_path / "run"), "--clip-model", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_inception_fid_says_what_it_needs(runs, tmp_path):
+    """The papers' FID comes from torch-fidelity's Inception, which needs torchvision (not installed here):
+    a missing weights file, or torch-fidelity missing, is a one-line error."""
+    with pytest.raises(FewstepError, match="--inception-weights .*none.pth: no such file"):
+        score_run(runs / "s1", None, reference=runs / "s4", inception=tmp_path / "none.pth", progress=False)
+    weights = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"")
+    try:
+        import torch_fidelity  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(FewstepError, match="Inception FID needs torch-fidelity .* it requires torchvision"):
+            score_run(runs / "s1", None, reference=runs / "s4", inception=weights, progress=False)
+    with pytest.raises(FewstepError, match="--reference needs --clip-model .* or --inception-weights"):
+        score_run(runs / "s1", None, reference=runs / "s4", progress=False)

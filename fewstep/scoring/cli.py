@@ -42,6 +42,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     runs.add_argument("--clip-model", default=None, metavar="DIR", help="a transformers CLIP folder (e.g. "
                       "openai/clip-vit-large-patch14, downloaded beforehand) for the CLIP score and FID")
     runs.add_argument("--reference", default=None, metavar="DIR", help="real images: FID of the run against them")
+    runs.add_argument("--inception-weights", default=None, metavar="FILE", help="FID on Inception-v3 features (the "
+                      "papers' FID) from this pt_inception-2015-12-05 file; needs torch-fidelity, which needs torchvision")
     runs.add_argument("--by", default=None, metavar="COLUMN", help="CLIP score per value of this column of a .tsv "
                       "run (PartiPrompts: Category or Challenge)")
     runs.add_argument("--compare", nargs=2, default=None, metavar=("RUN_A", "RUN_B"), help="two runs over the same "
@@ -73,7 +75,7 @@ def _eval_run(a: argparse.Namespace) -> None:
         rows = [replace(r, settings={**settings, **r.settings})
                 for r in read_rows(a.from_file, None, a.filter)]
         run_rows(pipe, rows, a.run, a.seed, a.batch_size)
-    print(run_markdown(score_run(a.run, clip, a.reference, a.by)))
+    print(run_markdown(score_run(a.run, clip, a.reference, a.by, inception=a.inception_weights)))
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

@@ -64,16 +64,34 @@ def clip_scores(folder: Path, records: list[dict], clip: Clip, by: str | None, p
     return scores
 
 
-def fid(clip: Clip, real: list[Image.Image | Path], fake: list[Image.Image | Path]) -> float:
-    """torchmetrics' Fréchet distance between two sets of images, on CLIP image features."""
+def fid(clip: Clip | None, real: list[Image.Image | Path], fake: list[Image.Image | Path],
+        inception: str | Path | None = None) -> float:
+    """torchmetrics' Fréchet distance between two sets of images: on CLIP image features, or with
+    `inception` (the weights file pt_inception-2015-12-05-6726825d.pth) on Inception-v3's pool features,
+    the FID of papers, which torchmetrics computes through torch-fidelity (not installed by fewstep: it
+    requires torchvision)."""
     from torchmetrics.image.fid import FrechetInceptionDistance  # lazy: optional (pip install 'fewstep[eval]')
     if len(real) < 2 or len(fake) < 2:
         raise FewstepError(f"FID needs at least 2 images on each side (got {len(real)} and {len(fake)})")
-    metric = FrechetInceptionDistance(feature=clip, reset_real_features=False)
+    if inception is not None:
+        metric, size = _inception(FrechetInceptionDistance, inception), (299, 299)
+    else:
+        metric, size = FrechetInceptionDistance(feature=clip, reset_real_features=False), clip.size
     for images, is_real in ((real, True), (fake, False)):
         for chunk in batches(images, 32):
-            metric.update(torch.stack([square(_image(x), clip.size) for x in chunk]), real=is_real)
+            metric.update(torch.stack([square(_image(x), size) for x in chunk]), real=is_real)
     return round(float(metric.compute()), 3)
+
+
+def _inception(metric_class, weights: str | Path):
+    if not Path(weights).is_file():
+        raise FewstepError(f"--inception-weights {weights}: no such file (pt_inception-2015-12-05-6726825d.pth, "
+                           "downloaded beforehand)")
+    try:
+        return metric_class(feature=2048, feature_extractor_weights_path=str(weights), reset_real_features=False)
+    except ModuleNotFoundError:
+        raise FewstepError("Inception FID needs torch-fidelity (pip install torch-fidelity; it requires "
+                           "torchvision, which fewstep does not install); without it, FID is on CLIP features") from None
 
 
 def _image(x) -> Image.Image:
@@ -91,18 +109,20 @@ def reference_images(folder: str | Path) -> list[Path]:
 
 
 def score_run(folder: str | Path, clip: Clip | None, reference: str | Path | None = None, by: str | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, inception: str | Path | None = None) -> dict:
     """The run's figures (also written to FOLDER/scores.json): speed, and with a CLIP model its CLIP
-    score (per `by` value) and, with `reference`, the FID of the run's images against those."""
+    score (per `by` value) and, with `reference`, the FID of the run's images against those (on CLIP
+    features, or on Inception-v3's with `inception` weights)."""
     folder = Path(folder)
     records = run_records(folder)
     result = {"run": str(folder), **speed(records)}
-    if clip is None and reference is not None:
-        raise FewstepError("--reference needs --clip-model (FID is computed on CLIP image features)")
+    if clip is None and reference is not None and inception is None:
+        raise FewstepError("--reference needs --clip-model (FID on CLIP image features) or --inception-weights")
     if clip is not None:
         result["clip_score"] = clip_scores(folder, records, clip, by, progress)
-        if reference is not None:
-            result["fid"] = fid(clip, reference_images(reference), [folder / r["file"] for r in records])
+    if reference is not None:
+        key = "fid_inception" if inception is not None else "fid"
+        result[key] = fid(clip, reference_images(reference), [folder / r["file"] for r in records], inception)
     (folder / "scores.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
 
@@ -112,6 +132,8 @@ def markdown(result: dict) -> str:
              f"({result['s_per_image']} s/image)"]
     if "fid" in result:
         lines.append(f"FID (CLIP features) against the reference: {result['fid']}")
+    if "fid_inception" in result:
+        lines.append(f"FID (Inception-v3) against the reference: {result['fid_inception']}")
     if "clip_score" in result:
         lines += ["", "| images of | CLIP score |", "| --- | ---: |"]
         lines += [f"| {name} | {value} |" for name, value in result["clip_score"].items()]
