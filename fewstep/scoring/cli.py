@@ -101,6 +101,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "model's accuracy without it beside (docs/controlnet.md)")
     p.add_argument("--condition", default="layout", choices=control_study.CONDITIONS,
                    help="--controlnet: the control map it was trained on (default layout)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="--controlnet: its controlnet_conditioning_scale")
     p.add_argument("--new-shape", default=None, choices=NEW_SHAPES, help="score prompts with this shape the "
                    "shipped models never saw (a LoRA's concept; docs/lora.md) instead; no tiny-CLIP score")
 
@@ -163,10 +164,10 @@ def _eval_controlnet(pipe, a: argparse.Namespace) -> None:
     before, _ = evaluate(pipe, prompts, steps, a.seed)
     plain, plain_images, maps = control_study.run(pipe, cases, a.condition, steps, a.seed, control=False)
     pipe.load_controlnet(a.controlnet)
-    steered, images, _ = control_study.run(pipe, cases, a.condition, steps, a.seed)
+    steered, images, _ = control_study.run(pipe, cases, a.condition, steps, a.seed, a.control_scale)
     pipe.unload_controlnet()
     after, _ = evaluate(pipe, prompts, steps, a.seed)
-    name = Path(a.controlnet).name
+    name = Path(a.controlnet).name + ("" if a.control_scale == 1 else f" at {a.control_scale:g}")
     print(control_study.markdown([(f"{pipe.name}, no control", plain), (f"{pipe.name} + {name}", steered)]))
     print()
     print(markdown([before], f"{pipe.name} before loading it"))

@@ -81,9 +81,9 @@ def test_stop_and_resume_give_the_straight_run(trained, tmp_path):
 
 def test_eval_scores_it(trained, capsys):
     out, _ = trained
-    assert main(["eval", "--controlnet", str(out), "--n", "4", "--steps", "1"]) == 0
+    assert main(["eval", "--controlnet", str(out), "--n", "4", "--steps", "1", "--control-scale", "0.5"]) == 0
     table = capsys.readouterr().out
-    assert "| shapes-turbo + cn | colours | 2 |" in table and "| shapes-turbo, no control | full | 2 |" in table
+    assert "| shapes-turbo + cn at 0.5 | colours | 2 |" in table and "| shapes-turbo, no control | full | 2 |" in table
     assert "| shapes-turbo before loading it | 1 |" in table and "| shapes-turbo after unloading it | 1 |" in table
 
 
