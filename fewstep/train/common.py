@@ -176,3 +176,23 @@ def warmup_lr(step: int, lr: float, warmup: int, total: int, decay: bool = True)
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def target(b: dict, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What a denoising model predicts for batch `b` (latents, noise, timesteps t) under the cumulative
+    alphas `ac`: the noise, v = sqrt(a) noise - sqrt(1 - a) x0, or x0."""
+    if prediction_type == "epsilon":
+        return b["noise"]
+    if prediction_type == "sample":
+        return b["latents"]
+    a = ac[b["t"]].view(-1, 1, 1, 1)
+    return a.sqrt() * b["noise"] - (1 - a).sqrt() * b["latents"]
+
+
+def descend(accel, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> dict:
+    """One optimizer step on `loss` (through accelerate, which reduces gradients over processes); the
+    step's log entry."""
+    accel.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.detach()}

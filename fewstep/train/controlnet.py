@@ -37,7 +37,7 @@ from ..models.controlnet import ControlNet, ControlNetConfig
 from ..pipeline import load_pipeline
 from ..schedules import alphas_cumprod
 from ..shapes.control import CONDITIONS, training_batch
-from .common import batches, count, generator, save_weights, seed_for, set_lr, warmup_lr
+from .common import batches, count, descend, generator, save_weights, seed_for, set_lr, target, warmup_lr
 from .loop import Hyper, Stage
 from .teacher import diffuse
 
@@ -172,10 +172,7 @@ def train_controlnet(base: str | None, condition: str, out: str | Path, *, steps
         set_lr(optimizer, warmup_lr(step, lr, hyper.warmup, steps))
         predicted = model(diffuse(b["latents"], b["noise"], b["t"], ac), b["t"], b["context"], b["hint"])
         loss = F.mse_loss(predicted, target(b, ac, pipe.scheduler.prediction_type))
-        stage.accel.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.detach()}
+        return descend(stage.accel, optimizer, loss)
 
     model.train()
     done = stage.run(batches(make, start, steps), step_fn)
@@ -185,13 +182,3 @@ def train_controlnet(base: str | None, condition: str, out: str | Path, *, steps
         save_controlnet(stage.accel.unwrap_model(model).controlnet, config, out)
         result.update(out=str(out), bytes=(out / "diffusion_pytorch_model.safetensors").stat().st_size)
     return result
-
-
-def target(b: dict, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """What the model predicts: the noise, v = sqrt(a) noise - sqrt(1 - a) x0, or x0."""
-    if prediction_type == "epsilon":
-        return b["noise"]
-    if prediction_type == "sample":
-        return b["latents"]
-    a = ac[b["t"]].view(-1, 1, 1, 1)
-    return a.sqrt() * b["noise"] - (1 - a).sqrt() * b["latents"]

@@ -30,7 +30,7 @@ from ..errors import FewstepError
 from ..imaging import from_uint8
 from ..pipeline import load_pipeline
 from ..schedules import alphas_cumprod
-from .common import batches, generator, seed_for, set_lr, warmup_lr
+from .common import batches, descend, generator, seed_for, set_lr, target, warmup_lr
 from .loop import Hyper, Stage
 from .teacher import diffuse
 
@@ -182,11 +182,8 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
     def step_fn(step: int, b: dict) -> dict:
         set_lr(optimizer, warmup_lr(step, lr, hyper.warmup, steps))
         predicted = model(diffuse(b["latents"], b["noise"], b["t"], ac), b["t"], b.get("context"), b.get("captions"))
-        loss = F.mse_loss(predicted, _target(b, ac, pipe.scheduler.prediction_type))
-        stage.accel.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss.detach()}
+        loss = F.mse_loss(predicted, target(b, ac, pipe.scheduler.prediction_type))
+        return descend(stage.accel, optimizer, loss)
 
     model.train()
     done = stage.run(batches(make, start, steps), step_fn)
@@ -196,13 +193,3 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
         save_lora(lora_state(pipe, text_encoder), out, rank, alpha, text_encoder)
         result.update(out=str(out), bytes=out.stat().st_size)
     return result
-
-
-def _target(b: dict, ac: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """What the model predicts: the noise, v = sqrt(a) noise - sqrt(1 - a) x0, or x0."""
-    if prediction_type == "epsilon":
-        return b["noise"]
-    if prediction_type == "sample":
-        return b["latents"]
-    a = ac[b["t"]].view(-1, 1, 1, 1)
-    return a.sqrt() * b["noise"] - (1 - a).sqrt() * b["latents"]
