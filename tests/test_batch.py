@@ -151,3 +151,27 @@ def test_the_command_line_run(tmp_path, capsys):
     assert main(["generate", "--from-file", str(tmp_path / "p.txt"), "--output", str(out), "--seed", "5",
                  "--steps", "1", "--quiet"]) == 0
     assert "0 images made, 3 already there" in capsys.readouterr().out
+
+
+def test_jsonl_rows_edit_their_own_images(pipe, tmp_path):
+    """A row's image (and mask), relative to the file's folder, makes the row image to image (or inpainting)
+    as the Python API does; the manifest records them."""
+    source = pipe("a red circle", seed=1, progress=False)[0]
+    source.save(tmp_path / "src.png")
+    mask = Image.new("L", source.size, 0)
+    mask.paste(255, (0, 0, 64, 128))
+    mask.save(tmp_path / "mask.png")
+    rows = [{"prompt": "a blue circle", "image": "src.png", "strength": 0.6, "seed": 2},
+            {"prompt": "a green square", "image": "src.png", "mask": "mask.png", "seed": 3},
+            {"prompt": "a red square", "image": "missing.png"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.warns(UserWarning, match="row 2 .*missing.png"):
+        report = run_rows(pipe, read_rows(tmp_path / "p.jsonl"), tmp_path / "out", progress=False)
+    assert report["images"] == 2 and report["bad_rows"] == 1
+    want = pipe("a blue circle", image=source, strength=0.6, seed=2, progress=False)[0]
+    assert np.abs(pixels(tmp_path / "out" / "00000-2.png") - np.asarray(want, np.int16)).max() <= 1
+    want = pipe("a green square", image=source, mask_image=mask, seed=3, progress=False)[0]
+    assert np.abs(pixels(tmp_path / "out" / "00001-3.png") - np.asarray(want, np.int16)).max() <= 1
+    records = {r["index"]: r for r in map(json.loads, (tmp_path / "out" / "manifest.jsonl").read_text().splitlines())}
+    assert records[0]["image"] == str(tmp_path / "src.png") and records[0]["strength"] == 0.6
+    assert records[1]["mask_image"] == str(tmp_path / "mask.png")

@@ -13,8 +13,11 @@ from pathlib import Path
 from ..errors import FewstepError
 
 # JSONL keys a row may set (fewstep's argument names; "negative" and "cfg_scale" as aliases people use)
-SETTINGS = ("negative_prompt", "seed", "steps", "guidance", "sampler", "width", "height")
-ALIASES = {"negative": "negative_prompt", "cfg_scale": "guidance"}
+SETTINGS = ("negative_prompt", "seed", "steps", "guidance", "sampler", "width", "height", "image", "mask_image",
+            "strength")
+ALIASES = {"negative": "negative_prompt", "cfg_scale": "guidance", "mask": "mask_image",
+           "denoising_strength": "strength"}
+FILES = ("image", "mask_image")  # paths, relative to the prompt file's folder
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ def _json_row(i: int, line: str, path: Path) -> tuple[str, dict, dict, str | Non
                                         f"{', '.join(SETTINGS)} and meta")
     if not isinstance(meta, dict):
         return data["prompt"], {}, {}, f"{path} line {i + 1}: \"meta\" is an object of labels"
+    for key in FILES:
+        if key in settings:
+            if not isinstance(settings[key], str):
+                return data["prompt"], {}, {}, f"{path} line {i + 1}: {key} is a file path"
+            settings[key] = str((path.parent / settings[key]).resolve())
     return data["prompt"], settings, meta, None
 
 

@@ -136,7 +136,8 @@ def _batch(pipe, rows: list[Row], seeds: dict[int, int], out: Path, part: Path) 
         record = {"file": path.name, "index": row.index, "prompt": row.prompt, "seed": seeds[row.index],
                   "steps": request.steps, "guidance": request.guidance, "sampler": request.sampler,
                   "width": request.width, "height": request.height, "negative_prompt": negative,
-                  "seconds": round(each, 4), "sha256": sha256(path), **({"meta": row.meta} if row.meta else {})}
+                  "seconds": round(each, 4), "sha256": sha256(path), **({"meta": row.meta} if row.meta else {}),
+                  **{k: row.settings[k] for k in ("image", "mask_image", "strength") if k in row.settings}}
         append(part, record)
         records.append(record)
     return records
