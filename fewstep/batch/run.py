@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import FewstepError
 from ..outputs import save_image, writable
 from ..request import resolve
-from .manifest import MANIFEST, append, done, file_name, merge_parts, part_path, sha256, write_index
+from .manifest import append, done, file_name, merge_parts, part_path, sha256, write_index
 from .processes import Processes
 from .rows import Row
 from .sizes import choose_batch_size
@@ -149,5 +149,3 @@ def peak_memory_mib(pipe) -> float:
         return round(torch.cuda.max_memory_allocated(pipe.device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
-
-__all__ = ["MANIFEST", "run_rows", "plan", "usable", "peak_memory_mib"]

@@ -66,9 +66,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 def _eval_run(a: argparse.Namespace) -> None:
     clip = load_clip(a.clip_model) if a.clip_model else None  # a missing CLIP is refused before generating
     if a.from_file:
-        pipe = load(a.model)
-        for path, scale in (lora_arg(text) for text in a.lora):
-            pipe.load_lora(path, scale)
+        pipe = _model(a)
         steps = int(a.steps.split(",")[0]) if a.steps else None
         given = (("steps", steps), ("guidance", a.guidance), ("sampler", a.sampler))
         settings = {k: v for k, v in given if v is not None}
@@ -76,6 +74,14 @@ def _eval_run(a: argparse.Namespace) -> None:
                 for r in read_rows(a.from_file, None, a.filter)]
         run_rows(pipe, rows, a.run, a.seed, a.batch_size)
     print(run_markdown(score_run(a.run, clip, a.reference, a.by, inception=a.inception_weights)))
+
+
+def _model(a: argparse.Namespace):
+    """--model with its --lora files loaded."""
+    pipe = load(a.model)
+    for path, scale in (lora_arg(text) for text in a.lora):
+        pipe.load_lora(path, scale)
+    return pipe
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -115,9 +121,7 @@ def why_line(steps: int, prompts: list[str], images) -> str:
 
 
 def _eval_shapes(a: argparse.Namespace) -> None:
-    pipe = load(a.model)
-    for path, scale in (lora_arg(text) for text in a.lora):
-        pipe.load_lora(path, scale)
+    pipe = _model(a)
     if a.edits:
         return _eval_edits(pipe, a)
     if a.controlnet:
