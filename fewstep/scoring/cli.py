@@ -77,10 +77,12 @@ def _eval_run(a: argparse.Namespace) -> None:
 
 
 def _model(a: argparse.Namespace):
-    """--model with its --lora files loaded."""
+    """--model with its --lora files and --embedding files loaded."""
     pipe = load(a.model)
     for path, scale in (lora_arg(text) for text in a.lora):
         pipe.load_lora(path, scale)
+    for path in a.embedding:
+        pipe.load_embedding(path)
     return pipe
 
 
@@ -102,6 +104,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-overlay", action="store_true", help="--edits: inpaint without pasting the original back")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]", help="score the model with this "
                    "LoRA loaded (repeatable)")
+    p.add_argument("--embedding", action="append", default=[], metavar="PATH", help="score the model with this "
+                   "textual-inversion embedding loaded, its word the file's name (repeatable; e.g. the one "
+                   "`fewstep train lora --new-token` writes)")
     p.add_argument("--controlnet", default=None, metavar="DIR", help="score a ControlNet for the model instead: "
                    "--n held-out scenes drawn with their control maps, full and colour-only prompts; the base "
                    "model's accuracy without it beside (docs/controlnet.md)")

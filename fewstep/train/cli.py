@@ -40,6 +40,16 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=8, help="lora: the rank of each adapter (default 8)")
     p.add_argument("--alpha", type=float, default=None, help="lora: its alpha (default: the rank, a scale of 1)")
     p.add_argument("--text-encoder", action="store_true", help="lora: adapt the text encoder too (new words)")
+    p.add_argument("--new-token", default=None, metavar="WORD", help="lora: also learn a one-vector "
+                   "textual-inversion embedding for this new word (pivotal tuning), written as WORD.safetensors "
+                   "beside --out")
+    p.add_argument("--init-word", default=None, metavar="WORD", help="lora, --new-token: start its vector at this "
+                   "word's (one token; default: the mean of the vocabulary's)")
+    p.add_argument("--prior-preservation", action="store_true", help="lora, --new-token: captions without the "
+                   "word regress the base model's own prediction (it keeps what it drew)")
+    p.add_argument("--caption-dropout", type=float, default=None, metavar="P", help="lora: probability a caption "
+                   "is replaced by the empty prompt (kohya's caption_dropout_rate; default 0; 0.1 keeps a guided "
+                   "model's unconditional branch, as its own training did)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps of the stage (default: the recipe's)")
     p.add_argument("--batch", type=int, default=None, help="global batch size of the stage")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of the stage")
@@ -78,8 +88,9 @@ def _args(p: argparse.ArgumentParser) -> None:
                    help="student: share of the multi-step rows (t < 999) fed the student's own sampling chain instead "
                    "of a noised real latent (DMD2's backward simulation; default 1, the recipe's; 0: off)")
     p.add_argument("--one-step", type=float, default=None, metavar="P", dest="one_step",
-                   help="student: share of the batch rows trained at t = 999 (the 1-step case), the rest evenly at "
-                   "749 / 499 / 249 (default: the recipe's 0.7)")
+                   help="student, controlnet on a few-step base: share of the batch rows trained at t = 999 (the "
+                   "1-step case), the rest evenly at 749 / 499 / 249 (student default: the recipe's 0.7; controlnet: "
+                   "even)")
     p.add_argument("--eval", type=int, default=200, dest="evaluate_n",
                    help="prompts to score the exported models on (0: skip)")
 
@@ -96,6 +107,9 @@ def cmd_train(a: argparse.Namespace) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "lora":
         return _lora(a)
+    if a.caption_dropout is not None or a.new_token or a.init_word or a.prior_preservation:
+        raise FewstepError("--caption-dropout, --new-token, --init-word and --prior-preservation are options of the "
+                           "lora stage")
     if a.stage == "controlnet":
         return _controlnet(a)
     if a.condition is not None:
@@ -143,9 +157,14 @@ def cmd_train(a: argparse.Namespace) -> None:
 def _lora(a: argparse.Namespace) -> None:
     if a.data is None:
         raise FewstepError("train lora needs --data FOLDER (images with same-named .txt captions)")
+    if a.one_step is not None:
+        raise FewstepError("--one-step is an option of the student and controlnet stages")
+    if a.caption_dropout is not None and not 0 <= a.caption_dropout <= 1:
+        raise FewstepError(f"--caption-dropout is a probability between 0 and 1, not {a.caption_dropout}")
     report = train_lora(a.base, a.data, a.out, rank=a.rank, alpha=a.alpha, text_encoder=a.text_encoder,
                         steps=a.steps or 1000, batch=a.batch or 16, lr=a.lr or 1e-3, seed=a.seed, resume=a.resume,
-                        stop_at=a.stop_at)
+                        stop_at=a.stop_at, caption_dropout=a.caption_dropout or 0.0, new_token=a.new_token,
+                        init_word=a.init_word, prior=a.prior_preservation)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, indent=2))
 
@@ -155,8 +174,11 @@ def _controlnet(a: argparse.Namespace) -> None:
         raise FewstepError("train controlnet needs --condition layout or --condition canny")
     if a.data is not None or a.text_encoder:
         raise FewstepError("--data and --text-encoder are options of the lora stage")
+    if a.one_step is not None and not 0 <= a.one_step <= 1:
+        raise FewstepError(f"--one-step is a probability between 0 and 1, not {a.one_step}")
     report = train_controlnet(a.base, a.condition, a.out, steps=a.steps or 2000, batch=a.batch or 16,
-                              lr=a.lr or 1e-4, seed=a.seed, resume=a.resume, stop_at=a.stop_at)
+                              lr=a.lr or 1e-4, seed=a.seed, resume=a.resume, stop_at=a.stop_at,
+                              one_step=a.one_step)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, indent=2))
 

@@ -11,12 +11,15 @@ prediction type (epsilon, v or x0: the loss diffusers' train_text_to_image_lora.
 the other stages' (`loop.Stage`: accelerate, progress bar, loss log and plot, checkpoints, exact resume);
 its files live in `OUT.train/` beside the output file, which is written last, through a temporary file.
 SD 1.x / 2.x-type models (one text encoder, no pooled conditioning); SDXL is refused with a clear error.
+Options (docs/lora.md): caption dropout to the empty prompt, a new word's textual-inversion vector learned
+beside the adapters (pivotal tuning), and prior preservation by the base model's own predictions.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from .. import text
 from ..edits import load_image
 from ..errors import FewstepError
 from ..imaging import from_uint8
+from ..loading.embeddings import Embedding, attach
 from ..pipeline import load_pipeline
 from ..schedules import alphas_cumprod
 from .common import batches, descend, generator, seed_for, set_lr, target, warmup_lr
@@ -83,6 +87,43 @@ def add_adapters(pipe, rank: int, alpha: float, text_encoder: bool) -> list[torc
     return params
 
 
+def add_token(pipe, token: str, init_word: str | None) -> torch.nn.Parameter:
+    """Pivotal tuning: a one-vector textual-inversion embedding for the new word `token`, its row of the text
+    encoder's token table initialised from `init_word` (one token) or the table's mean row. The text encoder
+    stays frozen but for that row (its other rows' gradients are masked to zero), so prompts without the word
+    are encoded exactly as before. Returns the table's weight for the optimiser."""
+    tok, table = pipe.tokenizers[0], pipe.text_encoders[0].text_model.embeddings.token_embedding
+    start = table.weight[tok.ids(init_word)[0]] if init_word is not None else table.weight.mean(0)
+    pipe.text_encoders[0].requires_grad_(False)
+    attach(Embedding(token, {"any": start[None].detach().clone()}), pipe.tokenizers, pipe.text_encoders)
+    weight = table.weight.requires_grad_(True)
+    mask = torch.zeros(weight.shape[0], 1)
+    mask[-1] = 1
+    weight.register_hook(lambda g: g * mask.to(g))
+    return weight
+
+
+@contextmanager
+def adapters_off(model: torch.nn.Module):
+    """The base model inside: every peft LoRA layer of `model` switched off, and on again afterwards."""
+    layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "enable_adapters")]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+def save_embedding(weight: torch.Tensor, path: Path) -> None:
+    """The new word's vector as an A1111 .safetensors embedding (`emb_params: [1, width]`), named by the word."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"emb_params": weight[-1:].detach().float().cpu().contiguous()}, str(tmp))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
 def lora_state(pipe, text_encoder: bool) -> dict[str, torch.Tensor]:
     """The adapters' weights under diffusers' keys: unet.<module>.lora_A.weight, text_encoder.<module>...."""
     from peft.utils import get_peft_model_state_dict  # lazy: optional (pip install 'fewstep[train]')
@@ -118,6 +159,14 @@ def _check(pipe, out: Path, rank: int) -> None:
         raise FewstepError(f"--out {out}: the folder {out.parent} does not exist")
 
 
+def _check_token(tok, new_token: str, init_word: str | None) -> None:
+    if len(new_token.split()) != 1 or len(tok.ids(new_token)) == 1:
+        raise FewstepError(f"--new-token {new_token!r}: give one word the model does not know (not one token of "
+                           "its vocabulary)")
+    if init_word is not None and len(tok.ids(init_word)) != 1:
+        raise FewstepError(f"--init-word {init_word!r} is {len(tok.ids(init_word))} tokens: give a word of one")
+
+
 @torch.no_grad()
 def _cache(pipe, images: np.ndarray, captions: list[str], text_encoder: bool) -> dict:
     """Latents of every image, and the captions' context unless the text encoder trains."""
@@ -125,8 +174,9 @@ def _cache(pipe, images: np.ndarray, captions: list[str], text_encoder: bool) ->
                          for i in range(0, len(images), ENCODE_CHUNK)])
     cache = {"latents": latents}
     if not text_encoder:
-        cache["context"] = text.encode(pipe.tokenizers, pipe.text_encoders, pipe.conditioning, [captions],
-                                       pipe.device, torch.float32)[0][0].cpu()
+        cache["context"], cache["empty"] = (
+            text.encode(pipe.tokenizers, pipe.text_encoders, pipe.conditioning, [c], pipe.device, torch.float32)[0][0].cpu()
+            for c in (captions, [""]))
     return cache
 
 
@@ -149,16 +199,32 @@ class Trainee(torch.nn.Module):
 
 def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int = 8, alpha: float | None = None,
                text_encoder: bool = False, steps: int = 1000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
-               resume: bool = False, stop_at: int | None = None) -> dict:
+               resume: bool = False, stop_at: int | None = None, caption_dropout: float = 0.0,
+               new_token: str | None = None, init_word: str | None = None, prior: bool = False) -> dict:
     """Train a LoRA of `rank` on `base` (a model folder or file; None: the built-in model) from `data`;
-    writes `out` when the steps are done (not when `stop_at` ends the run early: resume later)."""
+    writes `out` when the steps are done (not when `stop_at` ends the run early: resume later). With
+    `new_token`, also a textual-inversion vector for that word (`add_token`), written beside `out` as
+    TOKEN.safetensors; with `prior` too, a caption without the word (or dropped to "") regresses the base
+    model's own prediction instead of its image (prior preservation: the LoRA learns the word and keeps the rest).
+    """
     out = Path(out)
+    if (prior or init_word is not None) and not new_token:
+        raise FewstepError("--prior-preservation and --init-word need --new-token WORD")
     pipe = load_pipeline(base)
     _check(pipe, out, rank)
+    emb_path = out.with_name(f"{new_token}.safetensors") if new_token else None
+    if emb_path == out:
+        raise FewstepError(f"--out {out}: the embedding for {new_token!r} is written as {emb_path.name}; name the "
+                           "LoRA otherwise")
+    if new_token is not None:
+        _check_token(pipe.tokenizers[0], new_token, init_word)
     alpha = float(rank if alpha is None else alpha)
     images, captions = read_folder(data, pipe.defaults.size or pipe.unet.cfg.sample_size * pipe.vae_scale)
-    cache = _cache(pipe, images, captions, text_encoder)
+    encode = text_encoder or new_token is not None  # the captions are encoded at every step
+    cache = _cache(pipe, images, captions, encode)
     params = add_adapters(pipe, rank, alpha, text_encoder)
+    if new_token:
+        params.append(add_token(pipe, new_token, init_word))
     hyper = Hyper(steps, batch, lr, warmup=min(100, steps // 10), log_every=max(1, min(25, steps // 20)),
                   ckpt_every=max(50, steps // 4), stop_at=stop_at)
     stage = Stage("lora", out.with_name(out.stem + ".train"), hyper, seed)
@@ -173,23 +239,35 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
         latents = cache["latents"][idx]
         b = {"latents": latents, "noise": torch.randn(latents.shape, generator=g),
              "t": torch.randint(0, len(ac), (len(idx),), generator=g)}
-        if text_encoder:
-            b["captions"] = [captions[i] for i in idx.tolist()]
+        empty = [False] * len(idx)
+        if caption_dropout:  # drawn only when asked, so runs without it draw as before
+            empty = (torch.rand(len(idx), generator=g) < caption_dropout).tolist()
+        if encode:
+            b["captions"] = ["" if e else captions[i] for i, e in zip(idx.tolist(), empty)]
+            b["prior"] = torch.tensor([new_token not in c.split() for c in b["captions"]])
         else:
-            b["context"] = cache["context"][idx]
+            b["context"] = torch.where(torch.tensor(empty)[:, None, None], cache["empty"], cache["context"][idx])
         return b
 
     def step_fn(step: int, b: dict) -> dict:
         set_lr(optimizer, warmup_lr(step, lr, hyper.warmup, steps))
-        predicted = model(diffuse(b["latents"], b["noise"], b["t"], ac), b["t"], b.get("context"), b.get("captions"))
-        loss = F.mse_loss(predicted, target(b, ac, pipe.scheduler.prediction_type))
+        x = diffuse(b["latents"], b["noise"], b["t"], ac)
+        predicted = model(x, b["t"], b.get("context"), b.get("captions"))
+        want = target(b, ac, pipe.scheduler.prediction_type)
+        if prior and b["prior"].any():
+            with torch.no_grad(), adapters_off(model):
+                want = torch.where(b["prior"].view(-1, 1, 1, 1), model(x, b["t"], None, b["captions"]), want)
+        loss = F.mse_loss(predicted, want)
         return descend(stage.accel, optimizer, loss)
 
     model.train()
     done = stage.run(batches(make, start, steps), step_fn)
     result = {"steps": stage.counter.step, "seconds": round(stage.counter.seconds, 1), "images": len(images),
-              "parameters": sum(p.numel() for p in params)}
+              "parameters": sum(p.numel() for p in params[:len(params) - bool(new_token)])}
     if done and stage.main:
         save_lora(lora_state(pipe, text_encoder), out, rank, alpha, text_encoder)
         result.update(out=str(out), bytes=out.stat().st_size)
+        if new_token:
+            save_embedding(params[-1], emb_path)
+            result.update(embedding=str(emb_path))
     return result

@@ -14,7 +14,9 @@ from safetensors import safe_open
 import fewstep
 from fewstep.cli import main
 from fewstep.errors import FewstepError
-from fewstep.train.lora import read_folder, train_lora
+from fewstep import text
+from fewstep.train import lora as lora_module
+from fewstep.train.lora import Trainee, read_folder, train_lora
 from helpers.env import requires_shared
 
 STUDENT = Path(fewstep.__file__).parent / "assets" / "shapes-turbo"
@@ -95,12 +97,84 @@ def test_stop_and_resume_give_the_straight_run(data, trained):
         assert all(torch.allclose(a.get_tensor(k).float(), b.get_tensor(k).float(), atol=2e-3) for k in a.keys())
 
 
+@pytest.mark.parametrize("text_encoder", [True, False])
+def test_caption_dropout_trains_the_empty_prompt(data, tmp_path, monkeypatch, text_encoder):
+    """--caption-dropout P: a caption becomes the empty prompt with probability P (the teacher's own 10%, which
+    keeps the unconditional branch of classifier-free guidance the base model's); at 0 none does."""
+    seen = {}
+    forward = Trainee.forward
+
+    def spy(self, x, t, context=None, captions=None):
+        seen.setdefault(dropout, []).append(list(captions) if context is None else context.clone())
+        return forward(self, x, t, context, captions)
+
+    monkeypatch.setattr(Trainee, "forward", spy)
+    for dropout in (0.0, 0.5, 1.0):
+        train_lora(None, data, tmp_path / f"{dropout}.safetensors", rank=2, text_encoder=text_encoder, steps=3,
+                   batch=8, seed=2, caption_dropout=dropout)
+    if text_encoder:
+        empties = {p: sum(c == "" for b in batches for c in b) for p, batches in seen.items()}
+    else:
+        pipe = fewstep.load(STUDENT)
+        empty = text.encode(pipe.tokenizers, pipe.text_encoders, pipe.conditioning, [[""]], "cpu", torch.float32)[0][0]
+        empties = {p: sum(torch.equal(c, empty[0]) for b in batches for c in b) for p, batches in seen.items()}
+    assert empties[0.0] == 0 and empties[1.0] == 24 and 4 <= empties[0.5] <= 20, empties
+
+
+def test_new_token_learns_one_vector_and_nothing_else_of_the_text_encoder(data, tmp_path, monkeypatch, capsys):
+    """--new-token rectangle --init-word square: the vector starts at square's, only its row of the token table
+    trains, and it is written as an A1111 embedding (rectangle.safetensors) that load_embedding reads."""
+    rows = {}
+    add_token = lora_module.add_token
+
+    def spy(pipe, token, init_word):
+        rows["weight"] = add_token(pipe, token, init_word)
+        rows["start"] = rows["weight"].detach().clone()
+        rows["square"] = rows["start"][pipe.tokenizers[0].ids("square")[0]]
+        return rows["weight"]
+
+    monkeypatch.setattr(lora_module, "add_token", spy)
+    report = train_lora(None, data, tmp_path / "l.safetensors", rank=2, steps=4, batch=4, lr=1e-2, seed=1,
+                        new_token="rectangle", init_word="square")
+    w, start = rows["weight"].detach(), rows["start"]
+    assert torch.equal(start[-1], rows["square"]) and torch.equal(w[:-1], start[:-1])
+    assert (w[-1] - start[-1]).abs().max() > 1e-3
+    assert report["embedding"] == str(tmp_path / "rectangle.safetensors")
+    pipe = fewstep.load(None)
+    assert pipe.load_embedding(tmp_path / "rectangle.safetensors") == "rectangle"
+    assert pipe.tokenizers[0].ids("a red rectangle") == [320, 570, w.shape[0] - 1]
+    assert torch.equal(pipe.text_encoders[0].text_model.embeddings.token_embedding.weight[-1], w[-1])
+    assert main(["eval", "--new-shape", "rectangle", "--n", "2", "--steps", "1", "--lora", str(tmp_path / "l.safetensors"),
+                 "--embedding", str(tmp_path / "rectangle.safetensors")]) == 0  # eval loads both
+    assert "| shapes-turbo | 1 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prior", [True, False])
+def test_prior_preservation_keeps_the_base_where_the_word_is_absent(data, tmp_path, prior):
+    """A word no caption holds: with prior preservation every target is the base model's own prediction, which
+    the zero-initialised LoRA already makes, so nothing moves (every lora_B stays 0); without it the images'
+    targets move it."""
+    out = tmp_path / "l.safetensors"
+    train_lora(None, data, out, rank=2, steps=3, batch=4, lr=1e-2, seed=1, caption_dropout=0.3,
+               new_token="zebra", prior=prior)
+    with safe_open(str(out), "pt") as f:
+        moved = max(f.get_tensor(k).abs().max().item() for k in f.keys() if "lora_B" in k)
+    assert (moved == 0) == prior, moved
+
+
 @pytest.mark.parametrize("make,args,match", [
     (None, ["--data", "{tmp}/none"], "--data .*none: no such folder"),
     ("empty", ["--data", "{tmp}/d"], "no images"),
     ("bare", ["--data", "{tmp}/d"], "1 of 1 images have no caption file \\(e.g. a.png needs a.txt\\)"),
     ("ok", ["--data", "{tmp}/d", "--out", "{tmp}/x.pt"], "a LoRA is written as a .safetensors file"),
     ("ok", ["--data", "{tmp}/d", "--rank", "0"], "--rank is 1 to 256"),
+    ("ok", ["--data", "{tmp}/d", "--caption-dropout", "1.5"], "--caption-dropout is a probability between 0 and 1"),
+    ("ok", ["--data", "{tmp}/d", "--prior-preservation"], "--prior-preservation and --init-word need --new-token"),
+    ("ok", ["--data", "{tmp}/d", "--new-token", "square"],
+     "--new-token 'square': give one word the model does not know"),
+    ("ok", ["--data", "{tmp}/d", "--new-token", "zebra", "--init-word", "red square"],
+     "--init-word 'red square' is 2 tokens: give a word of one"),
+    ("ok", ["--data", "{tmp}/d", "--new-token", "l"], "the embedding for 'l' is written as l.safetensors"),
     (None, [], "train lora needs --data"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make, args, match):
@@ -112,7 +186,8 @@ def test_bad_input_is_one_line(tmp_path, capsys, make, args, match):
             Image.new("RGB", (64, 48), "red").save(d / "a.png")
         if make == "ok":
             (d / "a.txt").write_text("a red square")
-    argv = ["train", "lora", "--out", str(tmp_path / "l.safetensors"), *[a.format(tmp=tmp_path) for a in args]]
+    argv = ["train", "lora", "--out", str(tmp_path / "l.safetensors"), "--steps", "1",
+            *[a.format(tmp=tmp_path) for a in args]]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert re.search(match, err) and "\n" not in err, err
