@@ -29,12 +29,12 @@ from ..errors import FewstepError
 from ..imaging import to_uint8
 from .caption import caption
 from .evaluate import Found, parse_image
-from .render import Scene, contact_sheet, draw, render, sample_scene
+from .render import POSITIONS, Scene, contact_sheet, draw, render, sample_scene
 
 CONDITIONS = ("layout", "canny")
 EDGE_STEP = 24  # of 255: the faintest edge between two palette colours differs by more than this
 KINDS = ("full", "colours", "empty")
-TRAIN_KINDS = (0.5, 0.3, 0.2)  # training captions: full (with drop), colour-only, empty
+TRAIN_KINDS = (0.3, 0.6, 0.1)  # training captions: full (with drop), colour-only, empty (docs/controlnet.md)
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 
@@ -55,9 +55,15 @@ def control_map(scene: Scene, condition: str, size: int = 128) -> np.ndarray:
     raise FewstepError(f"unknown control condition {condition!r}: use one of {', '.join(CONDITIONS)}")
 
 
+def reading_order(scene: Scene) -> list:
+    """The scene's objects as one reads them: the upper first, then left to right (by their positions' anchors)."""
+    return sorted(scene.objects, key=lambda o: POSITIONS[o.position][::-1])
+
+
 def colour_caption(scene: Scene) -> str:
-    """The objects' colours only, in the scene's order: 'a red and a blue'."""
-    return " and ".join(_a(o.color) for o in scene.objects)
+    """The objects' colours only, in reading order (the upper object first, then left to right): 'a red and a
+    blue'. Named in a fixed order, the colours say which silhouette of the map is which."""
+    return " and ".join(_a(o.color) for o in reading_order(scene))
 
 
 def text_for(scene: Scene, kind: str, rng: np.random.Generator | None = None, drop: float = 0.0) -> str:

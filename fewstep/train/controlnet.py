@@ -11,7 +11,8 @@ renders a fresh batch of scenes (`fewstep.shapes.control.training_batch`: full c
 colour-only and empty captions, so that the control alone must place and shape the objects), encodes them,
 noises the latents and regresses the base model's own prediction type (epsilon, v or x0). A few-step base
 (a default of 8 steps or fewer, as the 4-step shapes-turbo) is trained at the timesteps its sampler visits
-(trailing spacing: 999, 749, 499, 249), any other base at uniform timesteps.
+(trailing spacing: 999, 749, 499, 249; `one_step` of each batch at 999, where only the map can place
+the objects), any other base at uniform timesteps.
 
 The loop is the other stages' (`loop.Stage`: accelerate, progress bar, loss log and plot, checkpoints, exact
 resume) in `OUT.train/` beside the output folder; OUT gets config.json and diffusion_pytorch_model.safetensors
@@ -137,7 +138,8 @@ def save_controlnet(net: ControlNet, config: dict, out: Path) -> None:
 
 
 def train_controlnet(base: str | None, condition: str, out: str | Path, *, steps: int = 2000, batch: int = 16,
-                     lr: float = 1e-4, seed: int = 0, resume: bool = False, stop_at: int | None = None) -> dict:
+                     lr: float = 1e-4, seed: int = 0, resume: bool = False, stop_at: int | None = None,
+                     one_step: float | None = None) -> dict:
     """Train a ControlNet for `base` (a shapes model folder; None: the built-in model) on `condition` maps;
     writes the folder `out` when the steps are done (not when `stop_at` ends the run early: resume later)."""
     out = Path(out)
@@ -163,6 +165,9 @@ def train_controlnet(base: str | None, condition: str, out: str | Path, *, steps
         g = generator(s + 1)  # noise and timesteps
         latents = pipe.vae.encode(from_uint8(images).to(pipe.device)).float().cpu()
         pick = torch.randint(0, len(ac) if few is None else len(few), (len(images),), generator=g)
+        if few is not None and one_step is not None:  # this share at the first (noisiest) step, the rest even
+            first = torch.rand(len(images), generator=g) < one_step
+            pick = torch.where(first, 0, torch.randint(1, len(few), (len(images),), generator=g))
         context = text.encode(pipe.tokenizers, pipe.text_encoders, pipe.conditioning, [texts], pipe.device,
                               torch.float32)[0][0].cpu()
         return {"latents": latents, "noise": torch.randn(latents.shape, generator=g), "context": context,

@@ -46,7 +46,16 @@ def test_training_batch_is_seeded_and_mixes_caption_kinds():
     assert images.shape == maps.shape == (40, 128, 128, 3) and np.array_equal(maps, again[1]) and texts == again[2]
     kinds = [("" if not t else "colours" if not any(s in t for s in ("circle", "square", "triangle")) else "full")
              for t in texts]
-    assert kinds.count("full") == 22 and kinds.count("colours") == 11 and kinds.count("") == 7  # of 0.5, 0.3, 0.2
+    assert kinds.count("full") == 8 and kinds.count("colours") == 28 and kinds.count("") == 4  # of 0.3, 0.6, 0.1
+
+
+def test_colour_captions_name_the_colours_in_reading_order():
+    """The upper object first, then left to right: the colours say which silhouette is which."""
+    assert colour_caption(SCENE) == "a blue and a red"  # the blue circle at the top left is above the red square
+    row = Scene((Obj("red", "square", "small", "on the right"), Obj("orange", "circle", "small", "on the left")),
+                "white")
+    assert colour_caption(row) == "an orange and a red"
+    assert colour_caption(Scene(SCENE.objects[:1], "yellow")) == "a red"
 
 
 def test_held_out_cases_and_judge():

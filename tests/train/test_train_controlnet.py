@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 import fewstep
 from fewstep.cli import main
 from fewstep.loading.controlnet import load_control
-from fewstep.train.controlnet import HINT_CHANNELS, base_unet_config, diffusers_config, from_unet, train_controlnet
+from fewstep.train.controlnet import (HINT_CHANNELS, Steered, base_unet_config, diffusers_config, from_unet,
+                                      train_controlnet)
 
 STUDENT = Path(fewstep.__file__).parent / "assets" / "shapes-turbo"
 KW = dict(steps=6, batch=2, lr=1e-3, seed=1)
@@ -79,6 +80,25 @@ def test_stop_and_resume_give_the_straight_run(trained, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_one_step_trains_that_share_at_t_999(tmp_path, monkeypatch):
+    """A 4-step base trains at its sampler's timesteps; one_step puts that share of each batch at the
+    first (999, where the noise holds no layout and only the map can place the objects), the rest evenly."""
+    seen = []
+    forward = Steered.forward
+
+    def spy(self, x, t, context, hint):
+        seen.append(t.tolist())
+        return forward(self, x, t, context, hint)
+
+    monkeypatch.setattr(Steered, "forward", spy)
+    for share in (None, 1.0, 0.5):
+        out = tmp_path / f"cn{share}".replace(".", "-")
+        train_controlnet(None, "layout", out, steps=1, batch=40, lr=1e-3, one_step=share)
+    plain, first, half = seen
+    assert set(plain) == {999, 749, 499, 249} and first == [999] * 40
+    assert set(half) == {999, 749, 499, 249} and 12 <= half.count(999) <= 28
+
+
 def test_eval_scores_it(trained, capsys):
     out, _ = trained
     assert main(["eval", "--controlnet", str(out), "--n", "4", "--steps", "1", "--control-scale", "0.5"]) == 0
@@ -93,6 +113,7 @@ def test_eval_scores_it(trained, capsys):
     (["--condition", "layout", "--base", "{tmp}/nothing"], "no such file or folder: .*nothing"),
     (["--condition", "layout", "--out", "{tmp}/cn.safetensors"], "a ControlNet is written as a folder"),
     (["--condition", "layout", "--data", "{tmp}"], "--data and --text-encoder are options of the lora stage"),
+    (["--condition", "layout", "--one-step", "2"], "--one-step is a probability between 0 and 1, not 2.0"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, args, match):
     argv = ["train", "controlnet", "--out", str(tmp_path / "cn"), "--steps", "1",
