@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -103,11 +104,19 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for the launch's rendezvous: torchrun's default 29500 may be held by
+    another run on this machine, or by the launch before it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h: Hyper) -> list[str]:
     """`accelerate launch` of `fewstep.train.cli STAGE` as h.processes CPU processes with the settings of `h`
     (steps already scaled), each making its own share of the batch on its own core (no data worker)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(h.processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep.train.cli",
+           "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep.train.cli",
            stage, "--out", str(out), "--cpu", "--workers", "0", "--processes", "1", "--seed", str(seed),
            "--steps", str(h.steps), "--batch", str(h.batch), "--lr", repr(h.lr)]
     flags = [("--stop-at", h.stop_at)]

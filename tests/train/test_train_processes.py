@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from fewstep.train.recipe import free_port
 from helpers.env import ROOT
 from helpers.train import bare_add
 
@@ -29,7 +30,8 @@ def test_two_processes(run, tmp_path, stage, inputs):
     for part in inputs:
         shutil.copytree(run[0] / part, out / part)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", str(free_port()), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"] if stage == "vae" else []
     cmd = [sys.executable, *launcher, "-m", "fewstep.train.cli", stage, "--out", str(out), "--tiny"]
     cmd += ["--processes", "2", "--cpu"] * (stage == "student")
