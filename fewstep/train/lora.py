@@ -223,12 +223,11 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
     encode = text_encoder or new_token is not None  # the captions are encoded at every step
     cache = _cache(pipe, images, captions, encode)
     params = add_adapters(pipe, rank, alpha, text_encoder)
-    if new_token:
-        params.append(add_token(pipe, new_token, init_word))
+    table = add_token(pipe, new_token, init_word) if new_token else None  # trains beside the adapters
     hyper = Hyper(steps, batch, lr, warmup=min(100, steps // 10), log_every=max(1, min(25, steps // 20)),
                   ckpt_every=max(50, steps // 4), stop_at=stop_at)
     stage = Stage("lora", out.with_name(out.stem + ".train"), hyper, seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params + ([table] if new_token else []), lr=lr, weight_decay=0.0)
     model, optimizer = stage.accel.prepare(Trainee(pipe), optimizer)
     start = stage.restore(resume)
     ac = alphas_cumprod(pipe.scheduler).to(stage.accel.device)
@@ -244,7 +243,8 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
             empty = (torch.rand(len(idx), generator=g) < caption_dropout).tolist()
         if encode:
             b["captions"] = ["" if e else captions[i] for i, e in zip(idx.tolist(), empty)]
-            b["prior"] = torch.tensor([new_token not in c.split() for c in b["captions"]])
+            if prior:
+                b["prior"] = torch.tensor([new_token not in c.split() for c in b["captions"]])
         else:
             b["context"] = torch.where(torch.tensor(empty)[:, None, None], cache["empty"], cache["context"][idx])
         return b
@@ -263,11 +263,11 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
     model.train()
     done = stage.run(batches(make, start, steps), step_fn)
     result = {"steps": stage.counter.step, "seconds": round(stage.counter.seconds, 1), "images": len(images),
-              "parameters": sum(p.numel() for p in params[:len(params) - bool(new_token)])}
+              "parameters": sum(p.numel() for p in params)}
     if done and stage.main:
         save_lora(lora_state(pipe, text_encoder), out, rank, alpha, text_encoder)
         result.update(out=str(out), bytes=out.stat().st_size)
         if new_token:
-            save_embedding(params[-1], emb_path)
+            save_embedding(table, emb_path)
             result.update(embedding=str(emb_path))
     return result

@@ -116,7 +116,8 @@ def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h
     """`accelerate launch` of `fewstep.train.cli STAGE` as h.processes CPU processes with the settings of `h`
     (steps already scaled), each making its own share of the batch on its own core (no data worker)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(h.processes),
-           "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep.train.cli",
+           "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "fewstep.train.cli",
            stage, "--out", str(out), "--cpu", "--workers", "0", "--processes", "1", "--seed", str(seed),
            "--steps", str(h.steps), "--batch", str(h.batch), "--lr", repr(h.lr)]
     flags = [("--stop-at", h.stop_at)]
