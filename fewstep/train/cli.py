@@ -45,8 +45,9 @@ def _args(p: argparse.ArgumentParser) -> None:
                    "beside --out")
     p.add_argument("--init-word", default=None, metavar="WORD", help="lora, --new-token: start its vector at this "
                    "word's (one token; default: the mean of the vocabulary's)")
-    p.add_argument("--prior-preservation", action="store_true", help="lora, --new-token: captions without the "
-                   "word regress the base model's own prediction (it keeps what it drew)")
+    p.add_argument("--prior-preservation", nargs="?", const="", default=None, metavar="WORD", help="lora: "
+                   "captions without WORD (default: --new-token's) regress the base model's own prediction (it "
+                   "keeps what it drew)")
     p.add_argument("--caption-dropout", type=float, default=None, metavar="P", help="lora: probability a caption "
                    "is replaced by the empty prompt (kohya's caption_dropout_rate; default 0; 0.1 keeps a guided "
                    "model's unconditional branch, as its own training did)")
@@ -107,7 +108,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "lora":
         return _lora(a)
-    if a.caption_dropout is not None or a.new_token or a.init_word or a.prior_preservation:
+    if a.caption_dropout is not None or a.new_token or a.init_word or a.prior_preservation is not None:
         raise FewstepError("--caption-dropout, --new-token, --init-word and --prior-preservation are options of the "
                            "lora stage")
     if a.stage == "controlnet":
@@ -164,9 +165,16 @@ def _lora(a: argparse.Namespace) -> None:
     report = train_lora(a.base, a.data, a.out, rank=a.rank, alpha=a.alpha, text_encoder=a.text_encoder,
                         steps=a.steps or 1000, batch=a.batch or 16, lr=a.lr or 1e-3, seed=a.seed, resume=a.resume,
                         stop_at=a.stop_at, caption_dropout=a.caption_dropout or 0.0, new_token=a.new_token,
-                        init_word=a.init_word, prior=a.prior_preservation)
+                        init_word=a.init_word, prior=_prior_word(a))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, indent=2))
+
+
+def _prior_word(a: argparse.Namespace) -> str | None:
+    """--prior-preservation's word: the one given, or --new-token's."""
+    if a.prior_preservation == "" and not a.new_token:
+        raise FewstepError("--prior-preservation needs the concept's word: --prior-preservation WORD, or --new-token")
+    return a.prior_preservation or a.new_token if a.prior_preservation is not None else None
 
 
 def _controlnet(a: argparse.Namespace) -> None:

@@ -200,16 +200,19 @@ class Trainee(torch.nn.Module):
 def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int = 8, alpha: float | None = None,
                text_encoder: bool = False, steps: int = 1000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                resume: bool = False, stop_at: int | None = None, caption_dropout: float = 0.0,
-               new_token: str | None = None, init_word: str | None = None, prior: bool = False) -> dict:
+               new_token: str | None = None, init_word: str | None = None, prior: str | None = None) -> dict:
     """Train a LoRA of `rank` on `base` (a model folder or file; None: the built-in model) from `data`;
     writes `out` when the steps are done (not when `stop_at` ends the run early: resume later). With
     `new_token`, also a textual-inversion vector for that word (`add_token`), written beside `out` as
-    TOKEN.safetensors; with `prior` too, a caption without the word (or dropped to "") regresses the base
-    model's own prediction instead of its image (prior preservation: the LoRA learns the word and keeps the rest).
+    TOKEN.safetensors. With `prior` (the concept's word), a caption without that word (or dropped to "")
+    regresses the base model's own prediction instead of its image (prior preservation: the LoRA learns the
+    word and keeps the rest).
     """
     out = Path(out)
-    if (prior or init_word is not None) and not new_token:
-        raise FewstepError("--prior-preservation and --init-word need --new-token WORD")
+    if init_word is not None and not new_token:
+        raise FewstepError("--init-word needs --new-token WORD")
+    if prior is not None and len(prior.split()) != 1:
+        raise FewstepError(f"--prior-preservation {prior!r}: give the one word of the concept")
     pipe = load_pipeline(base)
     _check(pipe, out, rank)
     emb_path = out.with_name(f"{new_token}.safetensors") if new_token else None
@@ -241,12 +244,13 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
         empty = [False] * len(idx)
         if caption_dropout:  # drawn only when asked, so runs without it draw as before
             empty = (torch.rand(len(idx), generator=g) < caption_dropout).tolist()
+        texts = ["" if e else captions[i] for i, e in zip(idx.tolist(), empty)]
         if encode:
-            b["captions"] = ["" if e else captions[i] for i, e in zip(idx.tolist(), empty)]
-            if prior:
-                b["prior"] = torch.tensor([new_token not in c.split() for c in b["captions"]])
+            b["captions"] = texts
         else:
             b["context"] = torch.where(torch.tensor(empty)[:, None, None], cache["empty"], cache["context"][idx])
+        if prior:
+            b["prior"] = torch.tensor([prior not in c.split() for c in texts])
         return b
 
     def step_fn(step: int, b: dict) -> dict:
@@ -256,7 +260,8 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
         want = target(b, ac, pipe.scheduler.prediction_type)
         if prior and b["prior"].any():
             with torch.no_grad(), adapters_off(model):
-                want = torch.where(b["prior"].view(-1, 1, 1, 1), model(x, b["t"], None, b["captions"]), want)
+                want = torch.where(b["prior"].view(-1, 1, 1, 1), model(x, b["t"], b.get("context"), b.get("captions")),
+                                   want)
         loss = F.mse_loss(predicted, want)
         return descend(stage.accel, optimizer, loss)
 

@@ -149,14 +149,15 @@ def test_new_token_learns_one_vector_and_nothing_else_of_the_text_encoder(data, 
     assert "| shapes-turbo | 1 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("prior", [True, False])
-def test_prior_preservation_keeps_the_base_where_the_word_is_absent(data, tmp_path, prior):
+@pytest.mark.parametrize("prior,kw", [(True, {"new_token": "zebra"}), (False, {"new_token": "zebra"}),
+                                      (True, {"text_encoder": True}), (True, {}), (False, {})])
+def test_prior_preservation_keeps_the_base_where_the_word_is_absent(data, tmp_path, prior, kw):
     """A word no caption holds: with prior preservation every target is the base model's own prediction, which
     the zero-initialised LoRA already makes, so nothing moves (every lora_B stays 0); without it the images'
-    targets move it."""
+    targets move it. With a new token, with text adapters and with cached contexts (UNet only)."""
     out = tmp_path / "l.safetensors"
     train_lora(None, data, out, rank=2, steps=3, batch=4, lr=1e-2, seed=1, caption_dropout=0.3,
-               new_token="zebra", prior=prior)
+               prior="zebra" if prior else None, **kw)
     with safe_open(str(out), "pt") as f:
         moved = max(f.get_tensor(k).abs().max().item() for k in f.keys() if "lora_B" in k)
     assert (moved == 0) == prior, moved
@@ -169,7 +170,10 @@ def test_prior_preservation_keeps_the_base_where_the_word_is_absent(data, tmp_pa
     ("ok", ["--data", "{tmp}/d", "--out", "{tmp}/x.pt"], "a LoRA is written as a .safetensors file"),
     ("ok", ["--data", "{tmp}/d", "--rank", "0"], "--rank is 1 to 256"),
     ("ok", ["--data", "{tmp}/d", "--caption-dropout", "1.5"], "--caption-dropout is a probability between 0 and 1"),
-    ("ok", ["--data", "{tmp}/d", "--prior-preservation"], "--prior-preservation and --init-word need --new-token"),
+    ("ok", ["--data", "{tmp}/d", "--prior-preservation"], "--prior-preservation needs the concept's word"),
+    ("ok", ["--data", "{tmp}/d", "--init-word", "red"], "--init-word needs --new-token"),
+    ("ok", ["--data", "{tmp}/d", "--prior-preservation", "red square"],
+     "--prior-preservation 'red square': give the one word of the concept"),
     ("ok", ["--data", "{tmp}/d", "--new-token", "square"],
      "--new-token 'square': give one word the model does not know"),
     ("ok", ["--data", "{tmp}/d", "--new-token", "zebra", "--init-word", "red square"],
