@@ -155,7 +155,25 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(json.dumps(report, indent=2))
 
 
+# options of the recipe's stages (teacher ... student, all) that lora and controlnet do not take
+RECIPE_FLAGS = (("--workers", "workers"), ("--processes", "processes"), ("--tiny", "tiny"),
+                ("--text-layers", "text_layers"), ("--offset-noise", "offset_noise"), ("--init", "init"),
+                ("--two-objects", "two_objects"), ("--caption-drop", "caption_drop"), ("--swap", "swap"),
+                ("--backward-sim", "backward"))
+
+
+def _recipe_flags_refused(a: argparse.Namespace) -> None:
+    """A one-line error for recipe options given to lora or controlnet, which would otherwise do nothing."""
+    given = [flag for flag, dest in RECIPE_FLAGS if getattr(a, dest) is not None and getattr(a, dest) is not False]
+    given += ["--scale"] * (a.scale != 1.0)
+    if given:
+        several = (" (several processes: `accelerate launch --multi_gpu --num_processes N -m fewstep.train.cli "
+                   f"{a.stage} ...`, docs/training.md)") if "--processes" in given else ""
+        raise FewstepError(f"{', '.join(given)}: options of the recipe's stages, not of {a.stage}{several}")
+
+
 def _lora(a: argparse.Namespace) -> None:
+    _recipe_flags_refused(a)
     if a.data is None:
         raise FewstepError("train lora needs --data FOLDER (images with same-named .txt captions)")
     if a.one_step is not None:
@@ -178,6 +196,7 @@ def _prior_word(a: argparse.Namespace) -> str | None:
 
 
 def _controlnet(a: argparse.Namespace) -> None:
+    _recipe_flags_refused(a)
     if a.condition is None:
         raise FewstepError("train controlnet needs --condition layout or --condition canny")
     if a.data is not None or a.text_encoder:

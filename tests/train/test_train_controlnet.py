@@ -114,6 +114,11 @@ def test_eval_scores_it(trained, capsys):
     (["--condition", "layout", "--out", "{tmp}/cn.safetensors"], "a ControlNet is written as a folder"),
     (["--condition", "layout", "--data", "{tmp}"], "--data and --text-encoder are options of the lora stage"),
     (["--condition", "layout", "--one-step", "2"], "--one-step is a probability between 0 and 1, not 2.0"),
+    (["--condition", "layout", "--processes", "2"], "--processes: options of the recipe's stages, not of "
+     "controlnet \\(several processes: `accelerate launch --multi_gpu --num_processes N -m fewstep.train.cli "
+     "controlnet ...`"),
+    (["--condition", "layout", "--scale", "0.1", "--tiny"], "--tiny, --scale: options of the recipe's stages, not "
+     "of controlnet$"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, args, match):
     argv = ["train", "controlnet", "--out", str(tmp_path / "cn"), "--steps", "1",

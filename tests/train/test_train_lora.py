@@ -180,6 +180,8 @@ def test_prior_preservation_keeps_the_base_where_the_word_is_absent(data, tmp_pa
      "--init-word 'red square' is 2 tokens: give a word of one"),
     ("ok", ["--data", "{tmp}/d", "--new-token", "l"], "the embedding for 'l' is written as l.safetensors"),
     (None, [], "train lora needs --data"),
+    ("ok", ["--data", "{tmp}/d", "--workers", "0", "--two-objects", "0.5"],
+     "--workers, --two-objects: options of the recipe's stages, not of lora$"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make, args, match):
     d = tmp_path / "d"
