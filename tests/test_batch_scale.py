@@ -20,7 +20,7 @@ from fewstep.batch import run as batch_run
 from fewstep.batch.rows import read_rows
 from fewstep.batch.run import plan, run_rows
 from fewstep.errors import FewstepError
-from fewstep.train.recipe import free_port
+from fewstep.train.recipe import accelerate_launch
 from helpers.env import ROOT
 
 COLOURS = ("red", "green", "blue")
@@ -55,9 +55,7 @@ def test_two_processes_make_the_files_of_one(tmp_path):
     src = tmp_path / "p.txt"
     src.write_text(prompts(10))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "-m", "fewstep.cli",
+    launch = [*accelerate_launch(2), "-m", "fewstep.cli",
               "generate", "--from-file", str(src), "--output", str(tmp_path / "two"), "--batch-size", "2", "--quiet"]
     two = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]

@@ -112,13 +112,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def accelerate_launch(processes: int) -> list[str]:
+    """The start of an `accelerate launch` command line for `processes` CPU (or GPU) processes on this machine,
+    rendezvous on a free port; the module to run and its arguments follow."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"]
+
+
 def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h: Hyper) -> list[str]:
     """`accelerate launch` of `fewstep.train.cli STAGE` as h.processes CPU processes with the settings of `h`
     (steps already scaled), each making its own share of the batch on its own core (no data worker)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(h.processes),
-           "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "fewstep.train.cli",
-           stage, "--out", str(out), "--cpu", "--workers", "0", "--processes", "1", "--seed", str(seed),
+    cmd = [*accelerate_launch(h.processes), "-m", "fewstep.train.cli", stage, "--out", str(out), "--cpu", "--workers", "0", "--processes", "1", "--seed", str(seed),
            "--steps", str(h.steps), "--batch", str(h.batch), "--lr", repr(h.lr)]
     flags = [("--stop-at", h.stop_at)]
     if stage in TEACHER_STAGES:

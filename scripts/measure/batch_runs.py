@@ -19,11 +19,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fewstep.train.recipe import accelerate_launch
+
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fewstep.cli"]
-CONFIGS = {"batch 1 (one at a time)": ([], "1"), "batch 8": ([], "8"), "batch auto": ([], "auto"),
-           "2 processes, batch 8": (LAUNCH, "8")}
+CONFIGS = {"batch 1 (one at a time)": (1, "1"), "batch 8": (1, "8"), "batch auto": (1, "auto"),
+           "2 processes, batch 8": (2, "8")}  # processes, --batch-size
 
 
 def rows_file(source: Path, rows: int, folder: Path) -> Path:
@@ -35,9 +35,10 @@ def rows_file(source: Path, rows: int, folder: Path) -> Path:
     return out
 
 
-def images_per_s(prefix: list[str], batch: str, prompts: Path, out: Path) -> float:
-    cmd = (prefix or [sys.executable, "-m", "fewstep.cli"]) + ["generate", "--from-file", str(prompts), "--output",
-                                                              str(out), "--batch-size", batch, "--quiet"]
+def images_per_s(processes: int, batch: str, prompts: Path, out: Path) -> float:
+    launch = accelerate_launch(processes) if processes > 1 else [sys.executable]  # a free rendezvous port each time
+    cmd = launch + ["-m", "fewstep.cli", "generate", "--from-file", str(prompts), "--output", str(out),
+                    "--batch-size", batch, "--quiet"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
     return float(re.search(r"([\d.]+) images/s", done.stdout).group(1))
 
@@ -52,8 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         prompts = rows_file(Path(a.file), a.rows, Path(tmp))
         for r in range(a.rounds):
-            for i, (name, (prefix, batch)) in enumerate(CONFIGS.items()):
-                figures[name].append(images_per_s(prefix, batch, prompts, Path(tmp) / f"run{r}-{i}"))
+            for i, (name, (processes, batch)) in enumerate(CONFIGS.items()):
+                figures[name].append(images_per_s(processes, batch, prompts, Path(tmp) / f"run{r}-{i}"))
                 print(f"round {r + 1}: {name}: {figures[name][-1]} images/s", file=sys.stderr, flush=True)
     base = statistics.median(figures["batch 1 (one at a time)"])
     print(f"| {a.rows} rows of {Path(a.file).name} | images/s (median of {a.rounds}) | vs one at a time | runs |")

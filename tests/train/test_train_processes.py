@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from fewstep.train.recipe import free_port
+from fewstep.train.recipe import accelerate_launch
 from helpers.env import ROOT
 from helpers.train import bare_add
 
@@ -30,10 +30,8 @@ def test_two_processes(run, tmp_path, stage, inputs):
     for part in inputs:
         shutil.copytree(run[0] / part, out / part)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--main_process_port", str(free_port()), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"] if stage == "vae" else []
-    cmd = [sys.executable, *launcher, "-m", "fewstep.train.cli", stage, "--out", str(out), "--tiny"]
+    launcher = accelerate_launch(2) if stage == "vae" else [sys.executable]
+    cmd = [*launcher, "-m", "fewstep.train.cli", stage, "--out", str(out), "--tiny"]
     cmd += ["--processes", "2", "--cpu"] * (stage == "student")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
