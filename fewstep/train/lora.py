@@ -258,10 +258,13 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
         x = diffuse(b["latents"], b["noise"], b["t"], ac)
         predicted = model(x, b["t"], b.get("context"), b.get("captions"))
         want = target(b, ac, pipe.scheduler.prediction_type)
-        if prior and b["prior"].any():
+        if prior and b["prior"].any():  # the base model's own prediction, for the rows without the word only
+            rows = b["prior"].nonzero().flatten()
+            context, texts = b.get("context"), b.get("captions")
             with torch.no_grad(), adapters_off(model):
-                want = torch.where(b["prior"].view(-1, 1, 1, 1), model(x, b["t"], b.get("context"), b.get("captions")),
-                                   want)
+                base = model(x[rows], b["t"][rows], None if context is None else context[rows],
+                             None if texts is None else [texts[i] for i in rows.tolist()])
+            want = want.index_put((rows,), base)
         loss = F.mse_loss(predicted, want)
         return descend(stage.accel, optimizer, loss)
 

@@ -163,6 +163,24 @@ def test_prior_preservation_keeps_the_base_where_the_word_is_absent(data, tmp_pa
     assert (moved == 0) == prior, moved
 
 
+def test_prior_preservation_learns_from_the_captions_with_the_word(data, tmp_path, monkeypatch):
+    """A word some captions hold: the base prediction is computed for the other rows alone, and the rows with
+    the word still move the LoRA."""
+    sizes = []
+    forward = Trainee.forward
+
+    def spy(self, x, t, context=None, captions=None):
+        sizes.append(len(x))
+        return forward(self, x, t, context, captions)
+
+    monkeypatch.setattr(Trainee, "forward", spy)
+    out = tmp_path / "l.safetensors"
+    train_lora(None, data, out, rank=2, text_encoder=True, steps=3, batch=8, lr=1e-2, seed=1, prior="rectangle")
+    with safe_open(str(out), "pt") as f:
+        moved = max(f.get_tensor(k).abs().max().item() for k in f.keys() if "lora_B" in k)
+    assert moved > 0 and sizes[0::2] == [8, 8, 8] and all(0 < n < 8 for n in sizes[1::2]), sizes
+
+
 @pytest.mark.parametrize("make,args,match", [
     (None, ["--data", "{tmp}/none"], "--data .*none: no such folder"),
     ("empty", ["--data", "{tmp}/d"], "no images"),
