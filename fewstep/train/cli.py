@@ -192,7 +192,9 @@ def _prior_word(a: argparse.Namespace) -> str | None:
     """--prior-preservation's word: the one given, or --new-token's."""
     if a.prior_preservation == "" and not a.new_token:
         raise FewstepError("--prior-preservation needs the concept's word: --prior-preservation WORD, or --new-token")
-    return a.prior_preservation or a.new_token if a.prior_preservation is not None else None
+    if a.prior_preservation is None:
+        return None
+    return a.prior_preservation or a.new_token
 
 
 def _controlnet(a: argparse.Namespace) -> None:
