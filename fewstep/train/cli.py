@@ -71,7 +71,11 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-layers", type=int, default=None,
                    help="teacher: train the text encoder's last N layers with the UNet (default 0: frozen CLIP)")
     p.add_argument("--offset-noise", type=float, default=None,
-                   help="teacher: offset-noise std, a per-image per-channel constant added to the noise (default 0)")
+                   help="teacher, lora: offset-noise std, a per-image per-channel constant added to the noise (default "
+                   "0; diffusers' --noise_offset)")
+    p.add_argument("--snr-gamma", type=float, default=None, metavar="G",
+                   help="lora: weight the loss by min-SNR-G (Hang et al. 2023; diffusers' --snr_gamma; default: off). "
+                   "The built-in teacher's own objective is --snr-gamma 5 --offset-noise 0.1")
     p.add_argument("--init", default=None, metavar="DIR",
                    help="teacher, refine, pairs, swap: fine-tune the trained teacher in DIR (its unet/ and "
                    "text_encoder/, e.g. runs/shapes/teacher) instead of starting from random weights")
@@ -108,9 +112,10 @@ def cmd_train(a: argparse.Namespace) -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
     if a.stage == "lora":
         return _lora(a)
-    if a.caption_dropout is not None or a.new_token or a.init_word or a.prior_preservation is not None:
-        raise FewstepError("--caption-dropout, --new-token, --init-word and --prior-preservation are options of the "
-                           "lora stage")
+    if (a.caption_dropout is not None or a.new_token or a.init_word or a.prior_preservation is not None
+            or a.snr_gamma is not None):
+        raise FewstepError("--caption-dropout, --new-token, --init-word, --prior-preservation and --snr-gamma are "
+                           "options of the lora stage")
     if a.stage == "controlnet":
         return _controlnet(a)
     if a.condition is not None:
@@ -162,9 +167,11 @@ RECIPE_FLAGS = (("--workers", "workers"), ("--processes", "processes"), ("--tiny
                 ("--backward-sim", "backward"))
 
 
-def _recipe_flags_refused(a: argparse.Namespace) -> None:
-    """A one-line error for recipe options given to lora or controlnet, which would otherwise do nothing."""
-    given = [flag for flag, dest in RECIPE_FLAGS if getattr(a, dest) is not None and getattr(a, dest) is not False]
+def _recipe_flags_refused(a: argparse.Namespace, takes: tuple[str, ...] = ()) -> None:
+    """A one-line error for recipe options given to lora or controlnet (but those it `takes`), which would
+    otherwise do nothing."""
+    given = [flag for flag, dest in RECIPE_FLAGS
+             if dest not in takes and getattr(a, dest) is not None and getattr(a, dest) is not False]
     given += ["--scale"] * (a.scale != 1.0)
     if given:
         several = (" (several processes: `accelerate launch --multi_gpu --num_processes N -m fewstep.train.cli "
@@ -173,17 +180,22 @@ def _recipe_flags_refused(a: argparse.Namespace) -> None:
 
 
 def _lora(a: argparse.Namespace) -> None:
-    _recipe_flags_refused(a)
+    _recipe_flags_refused(a, takes=("offset_noise",))
     if a.data is None:
         raise FewstepError("train lora needs --data FOLDER (images with same-named .txt captions)")
     if a.one_step is not None:
         raise FewstepError("--one-step is an option of the student and controlnet stages")
     if a.caption_dropout is not None and not 0 <= a.caption_dropout <= 1:
         raise FewstepError(f"--caption-dropout is a probability between 0 and 1, not {a.caption_dropout}")
+    if a.snr_gamma is not None and not a.snr_gamma > 0:
+        raise FewstepError(f"--snr-gamma is a number above 0, not {a.snr_gamma}")
+    if a.offset_noise is not None and not a.offset_noise >= 0:
+        raise FewstepError(f"--offset-noise is a standard deviation, 0 or more, not {a.offset_noise}")
     report = train_lora(a.base, a.data, a.out, rank=a.rank, alpha=a.alpha, text_encoder=a.text_encoder,
                         steps=a.steps or 1000, batch=a.batch or 16, lr=a.lr or 1e-3, seed=a.seed, resume=a.resume,
                         stop_at=a.stop_at, caption_dropout=a.caption_dropout or 0.0, new_token=a.new_token,
-                        init_word=a.init_word, prior=_prior_word(a))
+                        init_word=a.init_word, prior=_prior_word(a), snr_gamma=a.snr_gamma,
+                        noise_offset=a.offset_noise or 0.0)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, indent=2))
 

@@ -3,11 +3,12 @@ saved in the diffusers / PEFT format that diffusers' `load_lora_weights` and few
 
     fewstep train lora --base MODEL --data FOLDER --rank 8 --out style.safetensors
 
-The adapters are peft's (`inject_adapter_in_model`) on the UNet's attention projections (to_q, to_k,
-to_v, to_out.0) and, with `text_encoder=True`, on the text encoder's (q/k/v/out_proj); the base weights
-stay frozen. The images are encoded once (the VAE's posterior mean) and so are the captions when the text
+The adapters are peft's (`inject_adapter_in_model`) on the UNet's attention projections, feed-forward
+layers and ResNet convolutions (UNET_TARGETS) and, with `text_encoder=True`, on the text encoder's
+attention projections (q/k/v/out_proj); the base weights stay frozen. The images are encoded once (the VAE's posterior mean) and so are the captions when the text
 encoder is frozen; each step noises a batch of them at uniform timesteps and regresses the model's own
-prediction type (epsilon, v or x0: the loss diffusers' train_text_to_image_lora.py uses). The loop is
+prediction type (epsilon, v or x0: the loss diffusers' train_text_to_image_lora.py uses, with its
+min-SNR weighting and offset noise as options). The loop is
 the other stages' (`loop.Stage`: accelerate, progress bar, loss log and plot, checkpoints, exact resume);
 its files live in `OUT.train/` beside the output file, which is written last, through a temporary file.
 SD 1.x / 2.x-type models (one text encoder, no pooled conditioning); SDXL is refused with a clear error.
@@ -36,7 +37,7 @@ from ..pipeline import load_pipeline
 from ..schedules import alphas_cumprod
 from .common import batches, descend, generator, seed_for, set_lr, target, warmup_lr
 from .loop import Hyper, Stage
-from .teacher import diffuse
+from .teacher import diffuse, min_snr_weight
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # the attention projections, the feed-forward layers and the ResNet convolutions (LoCon): a new shape is
@@ -73,7 +74,7 @@ def _square(image, size: int) -> np.ndarray:
 
 
 def add_adapters(pipe, rank: int, alpha: float, text_encoder: bool) -> list[torch.nn.Parameter]:
-    """peft LoRA layers on the UNet (and text encoder) attention projections; only they train."""
+    """peft LoRA layers on the UNet's UNET_TARGETS (and the text encoder's TEXT_TARGETS); only they train."""
     from peft import LoraConfig, inject_adapter_in_model  # lazy: optional (pip install 'fewstep[train]')
     models = [(pipe.unet, UNET_TARGETS)] + ([(pipe.text_encoders[0], TEXT_TARGETS)] if text_encoder else [])
     params = []
@@ -200,13 +201,16 @@ class Trainee(torch.nn.Module):
 def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int = 8, alpha: float | None = None,
                text_encoder: bool = False, steps: int = 1000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                resume: bool = False, stop_at: int | None = None, caption_dropout: float = 0.0,
-               new_token: str | None = None, init_word: str | None = None, prior: str | None = None) -> dict:
+               new_token: str | None = None, init_word: str | None = None, prior: str | None = None,
+               snr_gamma: float | None = None, noise_offset: float = 0.0) -> dict:
     """Train a LoRA of `rank` on `base` (a model folder or file; None: the built-in model) from `data`;
     writes `out` when the steps are done (not when `stop_at` ends the run early: resume later). With
     `new_token`, also a textual-inversion vector for that word (`add_token`), written beside `out` as
     TOKEN.safetensors. With `prior` (the concept's word), a caption without that word (or dropped to "")
     regresses the base model's own prediction instead of its image (prior preservation: the LoRA learns the
-    word and keeps the rest).
+    word and keeps the rest). `snr_gamma` weights the loss by min-SNR-gamma and `noise_offset` adds a
+    per-image, per-channel constant of that std to the noise (diffusers' `--snr_gamma` / `--noise_offset`):
+    the built-in teacher's own objective is 5 and 0.1.
     """
     out = Path(out)
     if init_word is not None and not new_token:
@@ -239,8 +243,10 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
         g = generator(seed_for(seed, "lora", step, stage.rank))
         idx = torch.randint(0, len(images), (stage.per_process,), generator=g)
         latents = cache["latents"][idx]
-        b = {"latents": latents, "noise": torch.randn(latents.shape, generator=g),
-             "t": torch.randint(0, len(ac), (len(idx),), generator=g)}
+        noise = torch.randn(latents.shape, generator=g)
+        if noise_offset:  # drawn only when asked, so runs without it draw as before
+            noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g)
+        b = {"latents": latents, "noise": noise, "t": torch.randint(0, len(ac), (len(idx),), generator=g)}
         empty = [False] * len(idx)
         if caption_dropout:  # drawn only when asked, so runs without it draw as before
             empty = (torch.rand(len(idx), generator=g) < caption_dropout).tolist()
@@ -265,8 +271,10 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
                 base = model(x[rows], b["t"][rows], None if context is None else context[rows],
                              None if texts is None else [texts[i] for i in rows.tolist()])
             want = want.index_put((rows,), base)
-        loss = F.mse_loss(predicted, want)
-        return descend(stage.accel, optimizer, loss)
+        loss = F.mse_loss(predicted, want, reduction="none").mean((1, 2, 3))
+        if snr_gamma:
+            loss = loss * min_snr_weight(b["t"], ac, snr_gamma, pipe.scheduler.prediction_type)
+        return descend(stage.accel, optimizer, loss.mean())
 
     model.train()
     done = stage.run(batches(make, start, steps), step_fn)

@@ -157,10 +157,13 @@ def diffuse(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, ac: torch.Te
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def min_snr_weight(t: torch.Tensor, ac: torch.Tensor, gamma: float = MIN_SNR_GAMMA) -> torch.Tensor:
-    """min(SNR, gamma) / SNR per sample: the epsilon-loss form of min-SNR-gamma weighting."""
+def min_snr_weight(t: torch.Tensor, ac: torch.Tensor, gamma: float = MIN_SNR_GAMMA,
+                   prediction_type: str = "epsilon") -> torch.Tensor:
+    """min(SNR, gamma) per sample, as a weight on the loss of `prediction_type`: divided by SNR for epsilon,
+    by SNR + 1 for v, as is for x0 (Hang et al. 2023; diffusers' training scripts' `--snr_gamma`)."""
     snr = ac[t] / (1 - ac[t])
-    return snr.clamp(max=gamma) / snr
+    weight = snr.clamp(max=gamma)
+    return weight if prediction_type == "sample" else weight / (snr + (prediction_type == "v_prediction"))
 
 
 def training_noise(shape: tuple[int, ...], g: torch.Generator, offset: float) -> torch.Tensor:

@@ -181,6 +181,53 @@ def test_prior_preservation_learns_from_the_captions_with_the_word(data, tmp_pat
     assert moved > 0 and sizes[0::2] == [8, 8, 8] and all(0 < n < 8 for n in sizes[1::2]), sizes
 
 
+@pytest.mark.parametrize("kind,expected", [("epsilon", [1.0, 0.5]), ("v_prediction", [2 / 3, 5 / 11]),
+                                            ("sample", [2.0, 5.0])])
+def test_min_snr_weight_per_prediction_type(kind, expected):
+    """min(SNR, 5) over SNR (epsilon), SNR + 1 (v) or 1 (x0), at SNR 2 and 10."""
+    from fewstep.train.teacher import min_snr_weight
+    ac = torch.tensor([2 / 3, 10 / 11])  # SNR = a / (1 - a) = 2, 10
+    assert torch.allclose(min_snr_weight(torch.tensor([0, 1]), ac, 5.0, kind), torch.tensor(expected))
+
+
+def test_snr_gamma_weights_each_row_and_offset_noise_shifts_each_channel(data, tmp_path, monkeypatch):
+    """--snr-gamma G: the loss is the mean over rows of the row's MSE times min(SNR, G) / (SNR + 1) (the
+    student's v-prediction form); --offset-noise S: the same draws' noise plus one constant per image and
+    channel (so the base model's own objective, min-SNR-5 and offset noise 0.1, can be the LoRA's)."""
+    seen = []
+    forward, descend, diffuse = Trainee.forward, lora_module.descend, lora_module.diffuse
+
+    def spy_forward(self, x, t, context=None, captions=None):
+        seen.append({"t": t.clone(), "out": forward(self, x, t, context, captions)})
+        return seen[-1]["out"]
+
+    def spy_diffuse(x0, noise, t, ac):
+        seen.append({"x0": x0.clone(), "noise": noise.clone(), "ac": ac})
+        return diffuse(x0, noise, t, ac)
+
+    def spy_descend(accel, optimizer, loss):
+        seen.append({"loss": loss.detach().clone()})
+        return descend(accel, optimizer, loss)
+
+    monkeypatch.setattr(Trainee, "forward", spy_forward)
+    monkeypatch.setattr(lora_module, "diffuse", spy_diffuse)
+    monkeypatch.setattr(lora_module, "descend", spy_descend)
+    runs = {}
+    for name, kw in (("plain", {}), ("weighted", {"snr_gamma": 5.0, "noise_offset": 0.1})):
+        seen.clear()
+        train_lora(None, data, tmp_path / f"{name}.safetensors", rank=2, steps=1, batch=4, lr=1e-3, seed=5, **kw)
+        runs[name] = {k: v for d in seen for k, v in d.items()}
+    w = runs["weighted"]
+    shift = w["noise"] - runs["plain"]["noise"]
+    assert torch.allclose(shift, shift.mean((2, 3), keepdim=True), atol=1e-6) and shift.abs().min() > 1e-4
+    a = w["ac"][w["t"]].view(-1, 1, 1, 1)
+    v = a.sqrt() * w["noise"] - (1 - a).sqrt() * w["x0"]
+    snr = (a / (1 - a)).flatten()
+    rows = ((w["out"].detach() - v) ** 2).mean((1, 2, 3))
+    assert torch.allclose(w["loss"], (rows * snr.clamp(max=5.0) / (snr + 1)).mean(), rtol=1e-5)
+    assert not torch.allclose(w["loss"], rows.mean(), rtol=1e-3)
+
+
 @pytest.mark.parametrize("make,args,match", [
     (None, ["--data", "{tmp}/none"], "--data .*none: no such folder"),
     ("empty", ["--data", "{tmp}/d"], "no images"),
@@ -198,8 +245,10 @@ def test_prior_preservation_learns_from_the_captions_with_the_word(data, tmp_pat
      "--init-word 'red square' is 2 tokens: give a word of one"),
     ("ok", ["--data", "{tmp}/d", "--new-token", "l"], "the embedding for 'l' is written as l.safetensors"),
     (None, [], "train lora needs --data"),
-    ("ok", ["--data", "{tmp}/d", "--workers", "0", "--two-objects", "0.5"],
+    ("ok", ["--data", "{tmp}/d", "--workers", "0", "--two-objects", "0.5", "--offset-noise", "0.1"],
      "--workers, --two-objects: options of the recipe's stages, not of lora$"),
+    ("ok", ["--data", "{tmp}/d", "--snr-gamma", "0"], "--snr-gamma is a number above 0, not 0.0"),
+    ("ok", ["--data", "{tmp}/d", "--offset-noise", "-1"], "--offset-noise is a standard deviation, 0 or more"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, make, args, match):
     d = tmp_path / "d"
