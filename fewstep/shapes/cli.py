@@ -18,6 +18,7 @@ def add_dataset_parser(subparsers) -> argparse.ArgumentParser:
                    "new shape (training data for a LoRA that teaches it)")
     p.add_argument("--share", type=float, default=0.5, help="--new-shape: the share of scenes that hold it")
     p.add_argument("--drop", type=float, default=0.3, help="probability each optional caption part is left out")
+    p.add_argument("--two-objects", type=float, default=0.5, metavar="P", help="share of scenes with two objects")
     p.add_argument("--seed", type=int, default=0)
     return p
 
@@ -26,7 +27,7 @@ def cmd_dataset(a: argparse.Namespace) -> None:
     if a.n < 1:
         raise FewstepError(f"--n is 1 or more, not {a.n}")
     if a.new_shape:
-        images, captions, _ = concept_batch(a.seed, a.n, a.new_shape, a.share, drop=a.drop)
+        images, captions, _ = concept_batch(a.seed, a.n, a.new_shape, a.share, drop=a.drop, two=a.two_objects)
     else:
-        images, captions, _ = batch(a.seed, a.n, drop=a.drop)
+        images, captions, _ = batch(a.seed, a.n, drop=a.drop, two=a.two_objects)
     print(write_folder(a.out, images, captions))

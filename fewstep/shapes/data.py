@@ -33,16 +33,17 @@ def batch(seed: int, n: int, size: int = 128, drop: float = 0.3,
 
 
 def concept_batch(seed: int, n: int, shape: str, share: float = 0.5, size: int = 128,
-                  drop: float = 0.3) -> tuple[np.ndarray, list[str], list[Scene]]:
+                  drop: float = 0.3, two: float = 0.5) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n scenes of which a `share` hold the new `shape` (NEW_SHAPES) as their first object, any shape as
-    the second, the rest drawn as ever: data to teach a model a shape it has never seen (docs/lora.md)."""
+    the second, the rest drawn as ever; two objects with probability `two` (0.5 draws as `sample_scene`):
+    data to teach a model a shape it has never seen (docs/lora.md)."""
     if shape not in NEW_SHAPES:
         raise FewstepError(f"--new-shape {shape!r}: the new shapes are {', '.join(NEW_SHAPES)}")
-    if not (0 <= share <= 1 and 0 <= drop <= 1):
-        raise FewstepError(f"share and drop are probabilities between 0 and 1, not {share} and {drop}")
+    if not (0 <= share <= 1 and 0 <= drop <= 1 and 0 <= two <= 1):
+        raise FewstepError(f"share, drop and two are probabilities between 0 and 1, not {share}, {drop} and {two}")
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng, None, ALL_SHAPES, must=shape) if rng.random() < share else sample_scene(rng)
-              for _ in range(n)]
+    scenes = [sample_scene(rng, 1 + int(rng.random() < two), ALL_SHAPES, must=shape) if rng.random() < share
+              else sample_scene(rng, 1 + int(rng.random() < two)) for _ in range(n)]
     captions = [caption(s, rng, drop) for s in scenes]
     return np.stack([render(s, size) for s in scenes]), captions, scenes
 

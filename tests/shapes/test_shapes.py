@@ -17,7 +17,7 @@ from fewstep.errors import FewstepError
 from fewstep.shapes.caption import (Prompt, Wanted, caption, parse_prompt, sample_prompts, swap_positions,
                                     write_prompt)
 from fewstep.shapes.evaluate import FAILURES, accuracy, as_image, failure, failures, matches, parse_image, score
-from fewstep.shapes.data import batch
+from fewstep.shapes.data import batch, concept_batch
 from fewstep.shapes.render import ALL_SHAPES, COLORS, MARGIN, POSITIONS, SHAPES, Obj, Scene, render, sample_scene
 
 N = 1000
@@ -299,3 +299,12 @@ def test_rectangle_captions_do_not_fit_square_renders(renders):
     flipped = [matches(caption(dataclasses.replace(s, objects=(dataclasses.replace(s.objects[0], shape="rectangle"),)
                                                    + s.objects[1:])), *p) for s, p in zip(scenes, parsed)]
     assert rate(flipped) <= 0.01
+
+
+@pytest.mark.parametrize("two", [0.0, 0.5, 1.0])
+def test_concept_batch_draws_two_objects_at_the_share_asked(two):
+    """concept_batch(two=P): P of the scenes hold two objects, with or without the new shape; the rest one."""
+    _, captions, scenes = concept_batch(4, 200, "rectangle", size=32, two=two)
+    pairs = sum(len(s.objects) == 2 for s in scenes)
+    assert {0.0: pairs == 0, 1.0: pairs == 200, 0.5: 70 < pairs < 130}[two], pairs
+    assert (sum(" and " in c for c in captions) == pairs) and 60 < sum("rectangle" in c for c in captions) < 140
