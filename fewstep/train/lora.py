@@ -37,7 +37,7 @@ from ..pipeline import load_pipeline
 from ..schedules import alphas_cumprod
 from .common import batches, descend, generator, seed_for, set_lr, target, warmup_lr
 from .loop import Hyper, Stage
-from .teacher import diffuse, min_snr_weight
+from .teacher import diffuse, min_snr_weight, training_noise
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # the attention projections, the feed-forward layers and the ResNet convolutions (LoCon): a new shape is
@@ -243,9 +243,10 @@ def train_lora(base: str | None, data: str | Path, out: str | Path, *, rank: int
         g = generator(seed_for(seed, "lora", step, stage.rank))
         idx = torch.randint(0, len(images), (stage.per_process,), generator=g)
         latents = cache["latents"][idx]
-        noise = torch.randn(latents.shape, generator=g)
-        if noise_offset:  # drawn only when asked, so runs without it draw as before
-            noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g)
+        if noise_offset:
+            noise = training_noise(latents.shape, g, noise_offset)
+        else:  # no offset draw, so runs without it draw as before
+            noise = torch.randn(latents.shape, generator=g)
         b = {"latents": latents, "noise": noise, "t": torch.randint(0, len(ac), (len(idx),), generator=g)}
         empty = [False] * len(idx)
         if caption_dropout:  # drawn only when asked, so runs without it draw as before
