@@ -42,8 +42,11 @@ def concept_batch(seed: int, n: int, shape: str, share: float = 0.5, size: int =
     if not (0 <= share <= 1 and 0 <= drop <= 1 and 0 <= two <= 1):
         raise FewstepError(f"share, drop and two are probabilities between 0 and 1, not {share}, {drop} and {two}")
     rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng, 1 + int(rng.random() < two), ALL_SHAPES, must=shape) if rng.random() < share
-              else sample_scene(rng, 1 + int(rng.random() < two)) for _ in range(n)]
+    scenes = []
+    for _ in range(n):
+        new = rng.random() < share
+        count = 1 + int(rng.random() < two)
+        scenes.append(sample_scene(rng, count, ALL_SHAPES, must=shape) if new else sample_scene(rng, count))
     captions = [caption(s, rng, drop) for s in scenes]
     return np.stack([render(s, size) for s in scenes]), captions, scenes
 

@@ -5,11 +5,11 @@ saved in the diffusers / PEFT format that diffusers' `load_lora_weights` and few
 
 The adapters are peft's (`inject_adapter_in_model`) on the UNet's attention projections, feed-forward
 layers and ResNet convolutions (UNET_TARGETS) and, with `text_encoder=True`, on the text encoder's
-attention projections (q/k/v/out_proj); the base weights stay frozen. The images are encoded once (the VAE's posterior mean) and so are the captions when the text
-encoder is frozen; each step noises a batch of them at uniform timesteps and regresses the model's own
-prediction type (epsilon, v or x0: the loss diffusers' train_text_to_image_lora.py uses, with its
-min-SNR weighting and offset noise as options). The loop is
-the other stages' (`loop.Stage`: accelerate, progress bar, loss log and plot, checkpoints, exact resume);
+attention projections (q/k/v/out_proj); the base weights stay frozen. The images are encoded once (the
+VAE's posterior mean) and so are the captions when the text encoder is frozen; each step noises a batch of
+them at uniform timesteps and regresses the model's own prediction type (epsilon, v or x0: the loss
+diffusers' train_text_to_image_lora.py uses, with its min-SNR weighting and offset noise as options). The
+loop is the other stages' (`loop.Stage`: accelerate, progress bar, loss log and plot, checkpoints, exact resume);
 its files live in `OUT.train/` beside the output file, which is written last, through a temporary file.
 SD 1.x / 2.x-type models (one text encoder, no pooled conditioning); SDXL is refused with a clear error.
 Options (docs/lora.md): caption dropout to the empty prompt, a new word's textual-inversion vector learned

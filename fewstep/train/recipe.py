@@ -123,7 +123,8 @@ def accelerate_launch(processes: int) -> list[str]:
 def launch_command(stage: str, out: Path, tiny: bool, seed: int, resume: bool, h: Hyper) -> list[str]:
     """`accelerate launch` of `fewstep.train.cli STAGE` as h.processes CPU processes with the settings of `h`
     (steps already scaled), each making its own share of the batch on its own core (no data worker)."""
-    cmd = [*accelerate_launch(h.processes), "-m", "fewstep.train.cli", stage, "--out", str(out), "--cpu", "--workers", "0", "--processes", "1", "--seed", str(seed),
+    cmd = [*accelerate_launch(h.processes), "-m", "fewstep.train.cli", stage, "--out", str(out), "--cpu",
+           "--workers", "0", "--processes", "1", "--seed", str(seed),
            "--steps", str(h.steps), "--batch", str(h.batch), "--lr", repr(h.lr)]
     flags = [("--stop-at", h.stop_at)]
     if stage in TEACHER_STAGES:
